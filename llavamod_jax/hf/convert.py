@@ -1,0 +1,279 @@
+"""The generic Hugging Face loader and saver, driven by the tables in `families`.
+
+Loading checks every tensor name and shape against the model's abstract parameters using only the
+safetensors headers, so a bad checkpoint fails before any weight is read; then tensors are streamed one
+at a time from memory-mapped files, converted, and placed (optionally straight onto shardings, each
+device reading only its slice). Saving writes into a temporary directory renamed into place at the end,
+so a failure never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from llavamod_jax import models, sharding
+from llavamod_jax.hf import families
+from llavamod_jax.hf.safetensors_io import INDEX_NAME, SINGLE_NAME, Checkpoint, plan_shards, write_file
+from llavamod_jax.models.configs import to_dtype
+
+log = logging.getLogger(__name__)
+
+# Files of a source model directory that an export carries over (tokenizer, processor, generation).
+CARRIED_FILES = (
+    "tokenizer*", "vocab.json", "vocab.txt", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "*.tiktoken", "spiece.model", "preprocessor_config.json",
+    "processor_config.json", "chat_template.json", "chat_template.jinja", "generation_config.json",
+)
+
+_TO_FLAX = {
+    "linear": lambda a: a.T,
+    "conv": lambda a: a.transpose(2, 3, 1, 0),
+    "copy": lambda a: a,
+}
+_TO_TORCH = {
+    "linear": lambda a: a.T,
+    "conv": lambda a: a.transpose(3, 2, 0, 1),
+    "copy": lambda a: a,
+}
+
+
+def _transformed_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+  return tuple(_TO_FLAX[kind](np.empty(shape, np.uint8)).shape) if shape else shape
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+  hf: re.Pattern  # checkpoint key relative to its component
+  flax: re.Pattern
+  hf_template: str
+  flax_template: str
+  kind: str
+
+
+def _compile(template: str) -> re.Pattern:
+  return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
+
+
+def _rules(layout: families.Layout) -> dict[str, list[_Rule]]:
+  out = {}
+  for comp, table in layout.tables.items():
+    flax_prefix = f"{comp}/" if comp else ""
+    out[comp] = [
+        _Rule(_compile(hf), _compile(flax_prefix + fx), hf, flax_prefix + fx, kind)
+        for hf, fx, kind in table
+    ]
+  return out
+
+
+def _fill(template: str, match: re.Match) -> str:
+  return template.replace("{i}", match.group("i")) if "{i}" in template else template
+
+
+def read_config(path: str | os.PathLike) -> dict:
+  cfg_path = Path(path) / "config.json"
+  if not cfg_path.exists():
+    raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
+  try:
+    return json.loads(cfg_path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{cfg_path}: invalid JSON: {e}") from None
+
+
+def load_config(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32"):
+  """Our model config for an HF directory (no weights read)."""
+  d = read_config(path)
+  return families.config_from_hf(d, str(Path(path) / "config.json"), dtype, param_dtype,
+                                 source=str(Path(path).resolve()))
+
+
+def _plan(ckpt: Checkpoint, cfg, expected: dict, where: str) -> tuple[dict[str, tuple], list[str]]:
+  """Match every checkpoint key to a parameter using headers only; raise on any mismatch."""
+  lay = families.layout(cfg)
+  rules = _rules(lay)
+  plan, ignored, unexpected, problems = {}, [], [], []
+  tied = getattr(getattr(cfg, "text", cfg), "tie_word_embeddings", False)
+  for key in ckpt.keys():
+    if lay.ignored_prefixes and key.startswith(lay.ignored_prefixes):
+      ignored.append(key)
+      continue
+    routed = families.route(key, lay.routes)
+    if routed is None:
+      unexpected.append(key)
+      continue
+    comp, rel = routed
+    if rel in lay.ignored or (tied and rel == "lm_head.weight"):
+      ignored.append(key)
+      continue
+    for rule in rules.get(comp, ()):
+      m = rule.hf.match(rel)
+      if m:
+        path = _fill(rule.flax_template, m)
+        break
+    else:
+      unexpected.append(key)
+      continue
+    if path not in expected:
+      unexpected.append(key)
+      continue
+    if path in plan:
+      problems.append(f"{key}: parameter {path} is also given by {plan[path][0]!r}")
+      continue
+    shape = _transformed_shape(ckpt.shape(key), rule.kind)
+    want = tuple(expected[path].shape)
+    if shape != want:
+      problems.append(f"tensor {key!r} has shape {tuple(ckpt.shape(key))} (-> {shape} for {path}), "
+                      f"expected {want} from config.json")
+      continue
+    plan[path] = (key, rule.kind)
+  missing = sorted(set(expected) - set(plan))
+  if unexpected or missing or problems:
+    lines = [f"{where}: checkpoint does not match the model its config.json describes"]
+    lines += [f"  shape mismatch: {p}" for p in problems]
+    lines += [f"  unexpected tensor: {k}" for k in unexpected[:20]]
+    if len(unexpected) > 20:
+      lines.append(f"  ... and {len(unexpected) - 20} more unexpected tensors")
+    lines += [f"  missing tensor for parameter: {p}" for p in missing[:20]]
+    if len(missing) > 20:
+      lines.append(f"  ... and {len(missing) - 20} more missing parameters")
+    raise ValueError("\n".join(lines))
+  return plan, ignored
+
+
+def load(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32",
+         mesh=None, rules=None, shardings=None, remat: bool = False):
+  """Load an HF model directory -> (flax module, params).
+
+  Args:
+    path: a directory with config.json and model.safetensors (or a sharded index).
+    dtype: compute dtype of the module. param_dtype: dtype the weights are stored in.
+    mesh, rules: place each parameter by its logical axes (default rules: `sharding.DEFAULT_RULES`).
+    shardings: or an explicit tree of `jax.sharding.Sharding`, same structure as the params.
+    remat: rematerialise decoder/encoder layers in the backward pass.
+  """
+  cfg = load_config(path, dtype=dtype, param_dtype=param_dtype)
+  if remat:
+    cfg = _with_remat(cfg)
+  model = models.build(cfg)
+  boxed = models.abstract_params(model)
+  expected = traverse_util.flatten_dict(nn.unbox(boxed), sep="/")
+  if shardings is None and mesh is not None:
+    shardings = sharding.param_shardings(boxed, mesh, rules or sharding.DEFAULT_RULES)
+  flat_shardings = traverse_util.flatten_dict(shardings, sep="/") if shardings is not None else {}
+
+  ckpt = Checkpoint(path)
+  plan, ignored = _plan(ckpt, cfg, expected, str(path))
+  if ignored:
+    log.info("%s: skipped %d tensors that are not parameters of this model: %s", path, len(ignored),
+             ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else ""))
+  pdtype = to_dtype(param_dtype)
+  flat = {}
+  for p, (key, kind) in plan.items():
+    host = _TO_FLAX[kind](ckpt.get(key))
+    if p in flat_shardings:
+      flat[p] = jax.make_array_from_callback(
+          host.shape, flat_shardings[p], lambda idx, a=host: np.asarray(a[idx]).astype(pdtype))
+    else:
+      flat[p] = jnp.asarray(np.asarray(host).astype(pdtype))
+  return model, traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _with_remat(cfg):
+  if isinstance(cfg, models.LlavaConfig):
+    return cfg.replace(text=cfg.text.replace(remat=True), vision=cfg.vision.replace(remat=True))
+  return cfg.replace(remat=True)
+
+
+def _hf_name(path: str, rules: dict[str, list[_Rule]], lay: families.Layout) -> tuple[str, str]:
+  comp = next((c for c in rules if c and path.startswith(c + "/")), "")
+  for rule in rules[comp]:
+    m = rule.flax.match(path)
+    if m:
+      rel = _fill(rule.hf_template, m)
+      return lay.save_prefix[comp] + rel, rule.kind
+  raise ValueError(f"parameter {path} has no Hugging Face name in the {type(lay).__name__} tables")
+
+
+def save(model, params, out_dir: str | os.PathLike, *, dtype: str | None = None,
+         max_shard_size: int = 5 * 1024**3, overwrite: bool = False) -> Path:
+  """Write `model`/`params` as an HF directory transformers loads without custom code.
+
+  dtype: "float32" | "bfloat16" | "float16" for the stored tensors (default: the params' own dtype).
+  Tokenizer and processor files of the directory the model was loaded from are carried over.
+  """
+  out_dir = Path(out_dir)
+  if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+    raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
+  cfg = model.cfg
+  lay = families.layout(cfg)
+  rules = _rules(lay)
+  flat = traverse_util.flatten_dict(nn.unbox(params), sep="/")
+  boxed = models.abstract_params(model)
+  expected = traverse_util.flatten_dict(nn.unbox(boxed), sep="/")
+  if set(flat) != set(expected):
+    raise ValueError(f"params do not match the model: missing {sorted(set(expected) - set(flat))[:5]}, "
+                     f"unexpected {sorted(set(flat) - set(expected))[:5]}")
+  names = {p: _hf_name(p, rules, lay) for p in flat}  # fails before anything is written
+  store_dtype = np.dtype(to_dtype(dtype)) if dtype else None
+  dtype_name = dtype or str(jnp.dtype(next(iter(flat.values())).dtype))
+
+  hf_config = families.config_to_hf(cfg, dtype_name)
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir()
+  try:
+    _write_config(hf_config, tmp)
+    sizes = [(p, int(np.prod(v.shape)) * (store_dtype or np.dtype(v.dtype)).itemsize)
+             for p, v in flat.items()]
+    shards = plan_shards(iter(sizes), max_shard_size)
+    weight_map, total = {}, sum(s for _, s in sizes)
+    for n, shard in enumerate(shards, 1):
+      fname = SINGLE_NAME if len(shards) == 1 else f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+      tensors = []
+      for p in shard:
+        key, kind = names[p]
+        arr = sharding.to_host(flat[p])
+        arr = _TO_TORCH[kind](arr.astype(store_dtype) if store_dtype else arr)
+        tensors.append((key, np.ascontiguousarray(arr)))
+        weight_map[key] = fname
+      write_file(tmp / fname, tensors)
+    if len(shards) > 1:
+      (tmp / INDEX_NAME).write_text(json.dumps(
+          {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    _carry_files(families.source_dir(cfg), tmp)
+    if out_dir.exists():
+      shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out_dir
+
+
+def _write_config(d: dict, directory: Path) -> None:
+  import transformers
+
+  config = transformers.AutoConfig.for_model(**d)
+  config.architectures = d.get("architectures")
+  config.save_pretrained(directory)
+
+
+def _carry_files(source: str, dest: Path) -> None:
+  if not source or not Path(source).is_dir():
+    return
+  for f in sorted(Path(source).iterdir()):
+    if f.is_file() and any(fnmatch.fnmatch(f.name, pat) for pat in CARRIED_FILES):
+      shutil.copy2(f, dest / f.name)

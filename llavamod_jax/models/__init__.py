@@ -1,0 +1,49 @@
+"""Flax (linen) models: decoder LM, ViT towers, LLaVA."""
+
+from llavamod_jax.models.configs import LlavaConfig, TextConfig, VisionConfig
+from llavamod_jax.models.llava import Llava
+from llavamod_jax.models.llm import DecoderLM, init_cache
+from llavamod_jax.models.vision import VisionTower
+
+
+def build(cfg):
+  """The module for a model config."""
+  if isinstance(cfg, LlavaConfig):
+    return Llava(cfg)
+  if isinstance(cfg, TextConfig):
+    return DecoderLM(cfg)
+  if isinstance(cfg, VisionConfig):
+    return VisionTower(cfg)
+  raise TypeError(f"no model for config of type {type(cfg).__name__}")
+
+
+def dummy_inputs(cfg) -> dict:
+  """Smallest inputs that touch every parameter of a model (for init and shape inference)."""
+  import jax.numpy as jnp
+
+  if isinstance(cfg, LlavaConfig):
+    v = cfg.vision
+    return {"input_ids": jnp.full((1, cfg.num_image_tokens), cfg.image_token_id, jnp.int32),
+            "pixel_values": jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32)}
+  if isinstance(cfg, TextConfig):
+    return {"input_ids": jnp.zeros((1, 1), jnp.int32)}
+  return {"pixel_values": jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)}
+
+
+def _init(model, rng):
+  return model.init(rng, **dummy_inputs(model.cfg))["params"]
+
+
+def abstract_params(model):
+  """Parameter shapes/dtypes as `nn.LogicallyPartitioned` ShapeDtypeStructs (no memory used)."""
+  import jax
+
+  return jax.eval_shape(lambda: _init(model, jax.random.key(0)))
+
+
+def init_params(model, seed: int = 0):
+  """Random parameters (plain nested dict of arrays) for a model."""
+  import flax.linen as nn
+  import jax
+
+  return nn.unbox(_init(model, jax.random.key(seed)))
