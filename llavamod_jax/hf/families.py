@@ -93,7 +93,7 @@ LLAVA_ROUTES = [  # (accepted prefix, component, prefix of the relative key)
     ("model.multi_modal_projector.", "multi_modal_projector", ""),
     ("multi_modal_projector.", "multi_modal_projector", ""),
 ]
-VISION_ROUTES = [("vision_model.", "", "")]
+VISION_ROUTES = [("vision_model.", "", ""), ("", "", "")]  # transformers 5 drops "vision_model."
 TEXT_ROUTES = [("", "", "")]
 
 # How we write each component (transformers 5 writes LLaVA in this spelling by default).
@@ -124,7 +124,7 @@ def layout(cfg) -> Layout:
     return Layout(LLAVA_ROUTES, {"language_model": DECODER, "vision_tower": VISION,
                                  "multi_modal_projector": PROJECTOR}, LLAVA_SAVE, VISION_IGNORED)
   if isinstance(cfg, VisionConfig):
-    return Layout(VISION_ROUTES, {"": VISION}, {"": "vision_model."}, VISION_IGNORED,
+    return Layout(VISION_ROUTES, {"": VISION}, {"": ""}, VISION_IGNORED,
                   CLIP_MODEL_IGNORED_PREFIXES)
   return Layout(TEXT_ROUTES, {"": DECODER}, {"": ""})
 

@@ -70,13 +70,14 @@ class Llava(nn.Module):
   def embed(self, input_ids, pixel_values=None):
     cfg = self.cfg
     is_image = input_ids == cfg.image_token_id
-    # The image token id may lie outside the embedding table; its rows are replaced anyway.
-    x = self.language_model.embed(jnp.where(is_image, 0, input_ids))
     if pixel_values is None:
       if _is_concrete(input_ids) and bool(is_image.any()):
         raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens "
                          f"(id {cfg.image_token_id}) but no pixel_values were given")
-      return x
+      # Without images every id is text, as in transformers: a decode step may emit the image token id.
+      return self.language_model.embed(input_ids)
+    # The image token id may lie outside the embedding table; its rows are replaced anyway.
+    x = self.language_model.embed(jnp.where(is_image, 0, input_ids))
     feats = self.image_features(pixel_values)
     feats = feats.reshape(-1, feats.shape[-1]).astype(x.dtype)  # [images * tokens, hidden]
     if _is_concrete(input_ids) and int(is_image.sum()) != feats.shape[0]:

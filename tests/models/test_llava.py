@@ -1,0 +1,83 @@
+"""LLaVA (CLIP/SigLIP tower + projector + Qwen2/LLaMA) against transformers on the same weights."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tiny_hf
+from llavamod_jax import hf
+
+COMBOS = [("clip", "qwen2"), ("siglip", "qwen2"), ("clip", "llama")]
+
+
+def _prompt(rng, n_image_tokens, images_per_row, length):
+  """Token ids with each row's images as runs of image tokens at random places."""
+  ids = rng.integers(0, 100, (len(images_per_row), length))
+  for row, n in enumerate(images_per_row):
+    starts = sorted(rng.choice(length // n - n_image_tokens, 1)[0] + k * (length // n) for k in range(n))
+    for s in starts:
+      ids[row, s:s + n_image_tokens] = tiny_hf.IMAGE_TOKEN
+  return ids
+
+
+@pytest.fixture(scope="module", params=COMBOS, ids=["-".join(c) for c in COMBOS])
+def pair(request, tmp_path_factory, torch):
+  vision, text = request.param
+  ref = tiny_hf.llava(vision, text, seed=2)
+  model, params = hf.load(tiny_hf.save(ref, tmp_path_factory.mktemp("llava")))
+  return ref, model, params
+
+
+def test_logits_match_transformers(pair):
+  ref, model, params = pair
+  rng = np.random.default_rng(0)
+  ids = _prompt(rng, model.cfg.num_image_tokens, [1, 1], 24)
+  pix = rng.standard_normal((2, 28, 28, 3)).astype(np.float32)
+  got = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(pix)).logits
+  assert tiny_hf.rel_err(got, tiny_hf.torch_logits(ref, ids, pixel_values=pix)) < 1e-4
+
+
+def test_several_images_per_sample_and_padding(pair):
+  ref, model, params = pair
+  rng = np.random.default_rng(1)
+  n = model.cfg.num_image_tokens
+  ids = _prompt(rng, n, [2, 1], 2 * n + 10)
+  mask = np.ones_like(ids)
+  mask[1, -4:] = 0  # right padding on the second row
+  pix = rng.standard_normal((3, 28, 28, 3)).astype(np.float32)
+  got = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(pix),
+                               jnp.asarray(mask)).logits)
+  want = tiny_hf.torch_logits(ref, ids, mask, pixel_values=pix)
+  valid = mask.astype(bool)
+  assert tiny_hf.rel_err(got[valid], want[valid]) < 1e-4
+
+
+def test_text_only_batch(pair):
+  ref, model, params = pair
+  ids = np.random.default_rng(2).integers(0, 100, (2, 7))
+  got = model.apply({"params": params}, jnp.asarray(ids)).logits
+  assert tiny_hf.rel_err(got, tiny_hf.torch_logits(ref, ids)) < 1e-4
+
+
+def test_feature_layer_list(tmp_path, torch):
+  ref = tiny_hf.llava("clip", "qwen2", seed=5, vision_feature_layer=[-3, -1])
+  model, params = hf.load(tiny_hf.save(ref, tmp_path / "m"))
+  assert params["multi_modal_projector"]["linear_1"]["kernel"].shape[0] == 2 * 24
+  rng = np.random.default_rng(3)
+  ids = _prompt(rng, model.cfg.num_image_tokens, [1], 20)
+  pix = rng.standard_normal((1, 28, 28, 3)).astype(np.float32)
+  got = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(pix)).logits
+  assert tiny_hf.rel_err(got, tiny_hf.torch_logits(ref, ids, pixel_values=pix)) < 1e-4
+
+
+def test_image_token_count_mismatch_is_an_error(pair):
+  _, model, params = pair
+  n = model.cfg.num_image_tokens
+  ids = np.zeros((1, n + 4), np.int32)
+  ids[0, 1:1 + n - 1] = tiny_hf.IMAGE_TOKEN  # one token short
+  pix = jnp.zeros((1, 28, 28, 3))
+  with pytest.raises(ValueError, match=rf"input_ids hold {n - 1} image tokens.*1 image\(s\) x {n}"):
+    model.apply({"params": params}, jnp.asarray(ids), pix)
+  ids[0, 1:1 + n] = tiny_hf.IMAGE_TOKEN
+  with pytest.raises(ValueError, match="no pixel_values"):
+    model.apply({"params": params}, jnp.asarray(ids))
