@@ -42,6 +42,10 @@ _TO_FLAX = {
     "linear": lambda a: a.T,
     "conv": lambda a: a.transpose(2, 3, 1, 0),
     "copy": lambda a: a,
+    # Stacked experts in transformers' fused layout: [E, out, in] -> [E, in, out] (gate_up split in two).
+    "expert_linear": lambda a: a.transpose(0, 2, 1),
+    "fused_gate": lambda a: a.transpose(0, 2, 1)[..., :a.shape[1] // 2],
+    "fused_up": lambda a: a.transpose(0, 2, 1)[..., a.shape[1] // 2:],
 }
 _TO_TORCH = {
     "linear": lambda a: a.T,
@@ -64,7 +68,8 @@ class _Rule:
 
 
 def _compile(template: str) -> re.Pattern:
-  return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
+  pattern = re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)")
+  return re.compile("^" + pattern.replace(re.escape("{e}"), r"(?P<e>\d+)") + "$")
 
 
 def _rules(layout: families.Layout) -> dict[str, list[_Rule]]:
@@ -78,8 +83,10 @@ def _rules(layout: families.Layout) -> dict[str, list[_Rule]]:
   return out
 
 
-def _fill(template: str, match: re.Match) -> str:
-  return template.replace("{i}", match.group("i")) if "{i}" in template else template
+def _fill(template: str, i: str | None = None, e: int | None = None) -> str:
+  if i is not None:
+    template = template.replace("{i}", i)
+  return template if e is None else template.replace("{e}", str(e))
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -99,10 +106,14 @@ def load_config(path: str | os.PathLike, *, dtype: str = "float32", param_dtype:
                                  source=str(Path(path).resolve()))
 
 
-def _plan(ckpt: Checkpoint, cfg, expected: dict, where: str) -> tuple[dict[str, tuple], list[str]]:
-  """Match every checkpoint key to a parameter using headers only; raise on any mismatch."""
+def _plan(ckpt: Checkpoint, cfg, expected: dict, where: str):
+  """Match every checkpoint key to parameters using headers only; raise on any mismatch.
+
+  Returns ({param path: [(key, kind, expert index or None), ...]}, ignored keys).
+  """
   lay = families.layout(cfg)
   rules = _rules(lay)
+  ignored_re = [re.compile(p) for p in lay.ignored]
   plan, ignored, unexpected, problems = {}, [], [], []
   tied = getattr(getattr(cfg, "text", cfg), "tie_word_embeddings", False)
   for key in ckpt.keys():
@@ -114,42 +125,60 @@ def _plan(ckpt: Checkpoint, cfg, expected: dict, where: str) -> tuple[dict[str, 
       unexpected.append(key)
       continue
     comp, rel = routed
-    if rel in lay.ignored or (tied and rel == "lm_head.weight"):
+    if any(p.fullmatch(rel) for p in ignored_re) or (tied and rel == "lm_head.weight"):
       ignored.append(key)
       continue
-    for rule in rules.get(comp, ()):
-      m = rule.hf.match(rel)
-      if m:
-        path = _fill(rule.flax_template, m)
-        break
-    else:
+    targets = [(rule, m) for rule in rules.get(comp, ()) if (m := rule.hf.match(rel))]
+    targets = [(rule, m, _fill(rule.flax_template, m.group("i") if "{i}" in rule.hf_template else None))
+               for rule, m in targets]
+    if not targets or any(path not in expected for _, _, path in targets):
       unexpected.append(key)
       continue
-    if path not in expected:
-      unexpected.append(key)
-      continue
-    if path in plan:
-      problems.append(f"{key}: parameter {path} is also given by {plan[path][0]!r}")
-      continue
-    shape = _transformed_shape(ckpt.shape(key), rule.kind)
-    want = tuple(expected[path].shape)
-    if shape != want:
-      problems.append(f"tensor {key!r} has shape {tuple(ckpt.shape(key))} (-> {shape} for {path}), "
-                      f"expected {want} from config.json")
-      continue
-    plan[path] = (key, rule.kind)
-  missing = sorted(set(expected) - set(plan))
+    for rule, m, path in targets:
+      e = int(m.group("e")) if "{e}" in rule.hf_template else None
+      shape = _transformed_shape(ckpt.shape(key), rule.kind)
+      want = tuple(expected[path].shape)
+      if e is not None:  # one expert's slice of a stacked parameter
+        if e >= want[0]:
+          unexpected.append(key)
+          continue
+        want = want[1:]
+      if shape != want:
+        problems.append(f"tensor {key!r} has shape {tuple(ckpt.shape(key))} (-> {shape} for {path}), "
+                        f"expected {want} from config.json")
+        continue
+      parts = plan.setdefault(path, [])
+      if any(p[2] == e for p in parts):
+        problems.append(f"{key}: parameter {path} is also given by {parts[0][0]!r}")
+        continue
+      parts.append((key, rule.kind, e))
+  missing = []
+  for path, spec in expected.items():
+    parts = plan.get(path, [])
+    if not parts:
+      missing.append(path)
+    elif parts[0][2] is not None and sorted(p[2] for p in parts) != list(range(spec.shape[0])):
+      have = sorted(p[2] for p in parts)
+      missing.append(f"{path} (experts present: {have}, expected 0..{spec.shape[0] - 1})")
   if unexpected or missing or problems:
     lines = [f"{where}: checkpoint does not match the model its config.json describes"]
     lines += [f"  shape mismatch: {p}" for p in problems]
     lines += [f"  unexpected tensor: {k}" for k in unexpected[:20]]
     if len(unexpected) > 20:
       lines.append(f"  ... and {len(unexpected) - 20} more unexpected tensors")
-    lines += [f"  missing tensor for parameter: {p}" for p in missing[:20]]
+    lines += [f"  missing tensor for parameter: {p}" for p in sorted(missing)[:20]]
     if len(missing) > 20:
       lines.append(f"  ... and {len(missing) - 20} more missing parameters")
     raise ValueError("\n".join(lines))
   return plan, ignored
+
+
+def _assemble(ckpt: Checkpoint, parts) -> np.ndarray:
+  """A parameter's host array (a lazy memory-mapped view when it is a single tensor)."""
+  if parts[0][2] is None:
+    key, kind, _ = parts[0]
+    return _TO_FLAX[kind](ckpt.get(key))
+  return np.stack([_TO_FLAX[kind](ckpt.get(key)) for key, kind, _ in sorted(parts, key=lambda p: p[2])])
 
 
 def load(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32",
@@ -180,8 +209,8 @@ def load(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = 
              ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else ""))
   pdtype = to_dtype(param_dtype)
   flat = {}
-  for p, (key, kind) in plan.items():
-    host = _TO_FLAX[kind](ckpt.get(key))
+  for p, parts in plan.items():
+    host = _assemble(ckpt, parts)
     if p in flat_shardings:
       flat[p] = jax.make_array_from_callback(
           host.shape, flat_shardings[p], lambda idx, a=host: np.asarray(a[idx]).astype(pdtype))
@@ -196,14 +225,19 @@ def _with_remat(cfg):
   return cfg.replace(remat=True)
 
 
-def _hf_name(path: str, rules: dict[str, list[_Rule]], lay: families.Layout) -> tuple[str, str]:
+def _hf_names(path: str, shape, rules: dict[str, list[_Rule]],
+              lay: families.Layout) -> list[tuple[str, str, int | None]]:
+  """[(checkpoint key, kind, expert index or None)] a parameter is written as (first matching row)."""
   comp = next((c for c in rules if c and path.startswith(c + "/")), "")
   for rule in rules[comp]:
     m = rule.flax.match(path)
-    if m:
-      rel = _fill(rule.hf_template, m)
-      return lay.save_prefix[comp] + rel, rule.kind
-  raise ValueError(f"parameter {path} has no Hugging Face name in the {type(lay).__name__} tables")
+    if m and rule.kind in _TO_TORCH:
+      i = m.group("i") if "{i}" in rule.flax_template else None
+      prefix = lay.save_prefix[comp]
+      if "{e}" in rule.hf_template:
+        return [(prefix + _fill(rule.hf_template, i, e), rule.kind, e) for e in range(shape[0])]
+      return [(prefix + _fill(rule.hf_template, i), rule.kind, None)]
+  raise ValueError(f"parameter {path} has no Hugging Face name in the tables of families.py")
 
 
 def save(model, params, out_dir: str | os.PathLike, *, dtype: str | None = None,
@@ -225,7 +259,7 @@ def save(model, params, out_dir: str | os.PathLike, *, dtype: str | None = None,
   if set(flat) != set(expected):
     raise ValueError(f"params do not match the model: missing {sorted(set(expected) - set(flat))[:5]}, "
                      f"unexpected {sorted(set(flat) - set(expected))[:5]}")
-  names = {p: _hf_name(p, rules, lay) for p in flat}  # fails before anything is written
+  names = {p: _hf_names(p, v.shape, rules, lay) for p, v in flat.items()}  # fails before any write
   store_dtype = np.dtype(to_dtype(dtype)) if dtype else None
   dtype_name = dtype or str(jnp.dtype(next(iter(flat.values())).dtype))
 
@@ -236,19 +270,23 @@ def save(model, params, out_dir: str | os.PathLike, *, dtype: str | None = None,
   tmp.mkdir()
   try:
     _write_config(hf_config, tmp)
+    extra = {k: v.astype(store_dtype or np.float32) for k, v in families.extra_tensors(cfg).items()}
     sizes = [(p, int(np.prod(v.shape)) * (store_dtype or np.dtype(v.dtype)).itemsize)
-             for p, v in flat.items()]
+             for p, v in flat.items()] + [(k, v.nbytes) for k, v in extra.items()]
     shards = plan_shards(iter(sizes), max_shard_size)
     weight_map, total = {}, sum(s for _, s in sizes)
     for n, shard in enumerate(shards, 1):
       fname = SINGLE_NAME if len(shards) == 1 else f"model-{n:05d}-of-{len(shards):05d}.safetensors"
       tensors = []
       for p in shard:
-        key, kind = names[p]
+        if p in extra:
+          tensors.append((p, extra[p]))
+          continue
         arr = sharding.to_host(flat[p])
-        arr = _TO_TORCH[kind](arr.astype(store_dtype) if store_dtype else arr)
-        tensors.append((key, np.ascontiguousarray(arr)))
-        weight_map[key] = fname
+        arr = arr.astype(store_dtype) if store_dtype else arr
+        for key, kind, e in names[p]:
+          tensors.append((key, np.ascontiguousarray(_TO_TORCH[kind](arr if e is None else arr[e]))))
+      weight_map.update({key: fname for key, _ in tensors})
       write_file(tmp / fname, tensors)
     if len(shards) > 1:
       (tmp / INDEX_NAME).write_text(json.dumps(

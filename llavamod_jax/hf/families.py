@@ -12,9 +12,11 @@ import dataclasses
 import json
 from typing import Any
 
+import numpy as np
+
 from llavamod_jax.models.configs import LlavaConfig, TextConfig, VisionConfig
 
-TEXT_TYPES = ("qwen2", "llama")
+TEXT_TYPES = ("qwen2", "llama", "qwen2_moe")
 VISION_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
 
 
@@ -45,7 +47,20 @@ DECODER = [
      "copy"),
     ("model.norm.weight", "norm/weight", "copy"),
     *_linear("lm_head", "lm_head"),
+    # Qwen2-MoE sparse blocks: router (E, H) and experts one tensor per expert, as transformers saves
+    # them; `{e}` rows stack into the [experts, ...] parameter. The fused rows are transformers'
+    # in-memory layout (gate_up_proj [E, 2I, H], down_proj [E, H, I]), accepted when loading.
+    ("model.layers.{i}.mlp.gate.weight", "layers_{i}/mlp/router", "linear"),
+    ("model.layers.{i}.mlp.experts.{e}.gate_proj.weight", "layers_{i}/mlp/experts/gate_proj", "linear"),
+    ("model.layers.{i}.mlp.experts.{e}.up_proj.weight", "layers_{i}/mlp/experts/up_proj", "linear"),
+    ("model.layers.{i}.mlp.experts.{e}.down_proj.weight", "layers_{i}/mlp/experts/down_proj", "linear"),
+    ("model.layers.{i}.mlp.experts.gate_up_proj", "layers_{i}/mlp/experts/gate_proj", "fused_gate"),
+    ("model.layers.{i}.mlp.experts.gate_up_proj", "layers_{i}/mlp/experts/up_proj", "fused_up"),
+    ("model.layers.{i}.mlp.experts.down_proj", "layers_{i}/mlp/experts/down_proj", "expert_linear"),
 ]
+# Qwen2-MoE's shared expert, always empty in our students (shared_expert_intermediate_size=0).
+SHARED_EXPERT = (r"model\.layers\.\d+\.mlp\.shared_expert\.(gate|up|down)_proj\.weight",
+                 r"model\.layers\.\d+\.mlp\.shared_expert_gate\.weight")
 
 VISION = [
     ("embeddings.patch_embedding.weight", "embeddings/patch_embedding/kernel", "conv"),
@@ -71,8 +86,9 @@ VISION = [
 
 PROJECTOR = [*_linear("linear_1", "linear_1", True), *_linear("linear_2", "linear_2", True)]
 
-# Tensors a checkpoint may hold that are not parameters of the model we build (skipped and counted).
-VISION_IGNORED = ("embeddings.position_ids",)
+# Tensors a checkpoint may hold that are not parameters of the model we build (skipped and counted);
+# regular expressions over component-relative keys.
+VISION_IGNORED = (r"embeddings\.position_ids",)
 CLIP_MODEL_IGNORED_PREFIXES = ("text_model.", "text_projection.", "visual_projection.", "logit_scale",
                                "logit_bias")
 
@@ -115,18 +131,35 @@ class Layout:
   routes: list  # (accepted key prefix, component, prefix of the relative key)
   tables: dict[str, list]  # component -> table
   save_prefix: dict[str, str]  # component -> the key prefix we write
-  ignored: tuple[str, ...] = ()  # relative keys that are not parameters (buffers)
+  ignored: tuple[str, ...] = ()  # patterns of relative keys that are not parameters (buffers)
   ignored_prefixes: tuple[str, ...] = ()  # whole-key prefixes of other models' parts
 
 
 def layout(cfg) -> Layout:
   if isinstance(cfg, LlavaConfig):
     return Layout(LLAVA_ROUTES, {"language_model": DECODER, "vision_tower": VISION,
-                                 "multi_modal_projector": PROJECTOR}, LLAVA_SAVE, VISION_IGNORED)
+                                 "multi_modal_projector": PROJECTOR}, LLAVA_SAVE,
+                  VISION_IGNORED + SHARED_EXPERT)
   if isinstance(cfg, VisionConfig):
     return Layout(VISION_ROUTES, {"": VISION}, {"": ""}, VISION_IGNORED,
                   CLIP_MODEL_IGNORED_PREFIXES)
-  return Layout(TEXT_ROUTES, {"": DECODER}, {"": ""})
+  return Layout(TEXT_ROUTES, {"": DECODER}, {"": ""}, SHARED_EXPERT)
+
+
+def extra_tensors(cfg) -> dict[str, np.ndarray]:
+  """Tensors transformers expects that carry nothing: Qwen2-MoE's empty shared expert and its gate."""
+  text = cfg.text if isinstance(cfg, LlavaConfig) else cfg
+  if isinstance(cfg, VisionConfig) or not text.num_experts:
+    return {}
+  prefix = LLAVA_SAVE["language_model"] if isinstance(cfg, LlavaConfig) else ""
+  h, out = text.hidden_size, {}
+  for i in text.moe_layers:
+    base = f"{prefix}model.layers.{i}.mlp."
+    out[base + "shared_expert.gate_proj.weight"] = np.zeros((0, h), np.float32)
+    out[base + "shared_expert.up_proj.weight"] = np.zeros((0, h), np.float32)
+    out[base + "shared_expert.down_proj.weight"] = np.zeros((h, 0), np.float32)
+    out[base + "shared_expert_gate.weight"] = np.zeros((1, h), np.float32)
+  return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,7 +171,9 @@ _TEXT_OWNED = {
     "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "rope_parameters",
     "rope_scaling", "rms_norm_eps", "attention_bias", "tie_word_embeddings", "max_position_embeddings",
     "architectures", "dtype", "torch_dtype", "transformers_version", "layer_types", "hidden_act",
-    "mlp_bias", "_name_or_path",
+    "mlp_bias", "_name_or_path", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+    "shared_expert_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
+    "qkv_bias",
 }
 _VISION_OWNED = {
     "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -182,13 +217,25 @@ def text_from_hf(d: dict[str, Any], where: str, dtype: str, param_dtype: str,
     raise NotImplementedError(f"{where}: LLaMA with attention_bias/mlp_bias is not supported")
   if full.get("hidden_act", "silu") != "silu":
     raise NotImplementedError(f"{where}: hidden_act {full['hidden_act']!r} (expected 'silu')")
-  return TextConfig(
+  moe = {}
+  if model_type == "qwen2_moe":
+    if full.get("shared_expert_intermediate_size"):
+      raise NotImplementedError(f"{where}: Qwen2-MoE with a shared expert (shared_expert_intermediate_"
+                                f"size={full['shared_expert_intermediate_size']}) is not supported")
+    n, step, dense = full["num_experts"], full.get("decoder_sparse_step", 1), full["mlp_only_layers"]
+    moe = dict(num_experts=n, num_experts_per_tok=full["num_experts_per_tok"],
+               moe_intermediate_size=full["moe_intermediate_size"],
+               norm_topk_prob=bool(full["norm_topk_prob"]),
+               moe_layers=tuple(i for i in range(full["num_hidden_layers"])
+                                if n and i not in dense and (i + 1) % step == 0))
+  return TextConfig(**moe,
       model_type=model_type, vocab_size=full["vocab_size"], hidden_size=full["hidden_size"],
       intermediate_size=full["intermediate_size"], num_layers=full["num_hidden_layers"],
       num_heads=full["num_attention_heads"],
       num_kv_heads=full.get("num_key_value_heads") or full["num_attention_heads"],
       head_dim=full.get("head_dim") or 0, rope_theta=_rope_theta(full, where),
-      rms_norm_eps=full["rms_norm_eps"], attention_bias=model_type == "qwen2",
+      rms_norm_eps=full["rms_norm_eps"],
+      attention_bias=model_type == "qwen2" or bool(full.get("qkv_bias", model_type == "qwen2_moe")),
       tie_word_embeddings=bool(full.get("tie_word_embeddings", False)),
       max_position_embeddings=full["max_position_embeddings"], dtype=dtype, param_dtype=param_dtype,
       hf_extra=_extra(d, _TEXT_OWNED, _name_or_path=source))
@@ -206,7 +253,18 @@ def text_to_hf(cfg: TextConfig, dtype: str) -> dict[str, Any]:
       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
   if cfg.head_dim and cfg.head_dim != cfg.hidden_size // cfg.num_heads:
     d["head_dim"] = cfg.head_dim
-  d["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[cfg.model_type]]
+  if cfg.num_experts or cfg.model_type == "qwen2_moe":  # any sparse student exports as Qwen2-MoE
+    d.update(
+        model_type="qwen2_moe", num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        moe_intermediate_size=cfg.moe_intermediate_size or cfg.intermediate_size,
+        shared_expert_intermediate_size=0, norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1,
+        mlp_only_layers=[i for i in range(cfg.num_layers) if i not in cfg.moe_layers],
+        qkv_bias=cfg.attention_bias)
+  elif cfg.model_type == "llama":
+    d.update(attention_bias=False, mlp_bias=False)
+  d["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
+                         "qwen2_moe": "Qwen2MoeForCausalLM"}[d["model_type"]]]
   return d
 
 

@@ -44,6 +44,13 @@ class TextConfig:
   num_experts_per_tok: int = 2
   moe_layers: tuple[int, ...] = ()
   moe_intermediate_size: int = 0  # 0: intermediate_size
+  norm_topk_prob: bool = True  # renormalise the k routing weights to sum to 1
+  moe_dispatch: str = "dropless"  # dropless | capacity (the original's token dropping)
+  moe_impl: str = "auto"  # dropless kernels: auto (dense on CPU, ragged elsewhere) | dense | ragged
+  capacity_factor: float = 1.5  # capacity dispatch, training
+  eval_capacity_factor: float = 2.0  # capacity dispatch, evaluation
+  min_capacity: int = 0
+  router_noise: str = "none"  # none | gumbel (the original: Gumbel noise on choices after the first)
   # Numerics and memory.
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"

@@ -90,11 +90,12 @@ class Llava(nn.Module):
     return jnp.where(is_image[..., None], gathered, x)
 
   def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, *,
-               cache=None, cache_index=None, compute_logits: bool = True) -> LlavaOutput:
+               cache=None, cache_index=None, compute_logits: bool = True,
+               train: bool = False) -> LlavaOutput:
     out = self.language_model(
         attention_mask=attention_mask, position_ids=position_ids,
         inputs_embeds=self.embed(input_ids, pixel_values), cache=cache, cache_index=cache_index,
-        compute_logits=compute_logits)
+        compute_logits=compute_logits, train=train)
     return LlavaOutput(logits=out.logits, hidden_states=out.hidden_states, cache=out.cache)
 
   def logits(self, hidden_states):

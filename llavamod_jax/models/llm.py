@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from llavamod_jax.models.configs import TextConfig, to_dtype
 from llavamod_jax.models.layers import Linear, RMSNorm, apply_rope, attention, constrain, rope_cos_sin
+from llavamod_jax.models.moe_block import MoeBlock
 
 BATCH_AXES = ("activation_batch", "activation_length", "activation_embed")
 
@@ -84,20 +85,27 @@ class MLP(nn.Module):
         jax.nn.silu(gate) * up)
 
 
+def is_moe_layer(cfg: TextConfig, layer: int) -> bool:
+  return bool(cfg.num_experts) and layer in cfg.moe_layers
+
+
 class DecoderLayer(nn.Module):
   cfg: TextConfig
   layer: int
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, train=False):
     cfg = self.cfg
     dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
     h, new_cache = Attention(cfg, name="self_attn")(
         RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="input_layernorm")(x), cos, sin, mask, cache,
         cache_index)
     x = x + h
-    h = MLP(cfg, name="mlp")(
-        RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="post_attention_layernorm")(x))
+    h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="post_attention_layernorm")(x)
+    if is_moe_layer(cfg, self.layer):
+      h = MoeBlock(cfg, name="mlp")(h, train)
+    else:
+      h = MLP(cfg, name="mlp")(h)
     x = constrain(x + h, BATCH_AXES)
     return x, new_cache
 
@@ -113,7 +121,8 @@ class DecoderLM(nn.Module):
     self.embed_tokens = nn.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
-    layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
+    # `train` (arg 7 counting self) only picks the MoE capacity factor: static under remat.
+    layer_cls = nn.remat(DecoderLayer, static_argnums=(7,)) if cfg.remat else DecoderLayer
     self.layers = [layer_cls(cfg, i) for i in range(cfg.num_layers)]
     self.norm = RMSNorm(cfg.rms_norm_eps, dtype, pdtype)
     if not cfg.tie_word_embeddings:
@@ -129,8 +138,8 @@ class DecoderLM(nn.Module):
     return self.lm_head(hidden_states)
 
   def __call__(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, *,
-               inputs_embeds=None, cache=None, cache_index=None,
-               compute_logits: bool = True) -> LMOutput:
+               inputs_embeds=None, cache=None, cache_index=None, compute_logits: bool = True,
+               train: bool = False) -> LMOutput:
     """Same signature as `Llava.__call__`; a text-only LM takes no `pixel_values`."""
     cfg = self.cfg
     if pixel_values is not None:
@@ -158,7 +167,7 @@ class DecoderLM(nn.Module):
     cos, sin = rope_cos_sin(position_ids, cfg.resolved_head_dim, cfg.rope_theta)
     new_cache = [] if cache is not None else None
     for i, layer in enumerate(self.layers):
-      x, c = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+      x, c = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index, train)
       if cache is not None:
         new_cache.append(c)
     hidden = self.norm(x)

@@ -1,0 +1,132 @@
+"""Sparse top-k MoE feed-forward block: a router and E SwiGLU experts stacked as [experts, ...].
+
+Three ways to run the experts (config `moe_dispatch` / `moe_impl`), all computing the same function
+when nothing is dropped:
+  * dropless "ragged": sort the (token, choice) pairs by expert, one grouped matmul per projection
+    (`jax.lax.ragged_dot`), unsort and combine — k/E of the dense FLOPs;
+  * dropless "dense": every expert on every token, combined with the (mostly zero) routing weights —
+    E/k x the FLOPs, but plain matmuls; faster on CPU for small E (see bench/moe_layer.py);
+  * "capacity": GShard-style dispatch/combine einsums over [tokens, experts, capacity] slots, with the
+    original's capacity factor (train/eval), top-1 priority and token dropping.
+
+Aux losses and per-layer metrics are sown into the "moe" collection (apply with mutable=["moe"]);
+`llavamod_jax.moe.collect` gathers them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llavamod_jax.models import routing
+from llavamod_jax.models.configs import TextConfig, to_dtype
+
+
+def router_init(key, shape, dtype=jnp.float32):
+  """torch.nn.Linear's default init, U(-1/sqrt(in), 1/sqrt(in)), as the original's fresh router."""
+  bound = 1.0 / math.sqrt(shape[0])
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Experts(nn.Module):
+  """E SwiGLU FFNs; kernels [experts, in, out] with the expert axis first (sharded over `expert`)."""
+
+  cfg: TextConfig
+
+  def setup(self):
+    cfg = self.cfg
+    pdtype = to_dtype(cfg.param_dtype)
+    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size or cfg.intermediate_size
+    init = nn.initializers.normal(0.02)
+    self.gate_proj = self.param("gate_proj", nn.with_logical_partitioning(init, ("expert", "embed", "mlp")),
+                                (e, h, i), pdtype)
+    self.up_proj = self.param("up_proj", nn.with_logical_partitioning(init, ("expert", "embed", "mlp")),
+                              (e, h, i), pdtype)
+    self.down_proj = self.param("down_proj", nn.with_logical_partitioning(init, ("expert", "mlp", "embed")),
+                                (e, i, h), pdtype)
+
+  def weights(self):
+    dtype = to_dtype(self.cfg.dtype)
+    return self.gate_proj.astype(dtype), self.up_proj.astype(dtype), self.down_proj.astype(dtype)
+
+  def __call__(self, x):
+    """x: [experts, slots, hidden] -> [experts, slots, hidden] (batched over experts)."""
+    wg, wu, wd = self.weights()
+    h = jax.nn.silu(jnp.einsum("esh,ehi->esi", x, wg)) * jnp.einsum("esh,ehi->esi", x, wu)
+    return jnp.einsum("esi,eih->esh", h, wd)
+
+  def every_token(self, x):
+    """x: [tokens, hidden] -> [experts, tokens, hidden]: each expert on every token."""
+    wg, wu, wd = self.weights()
+    h = jax.nn.silu(jnp.einsum("th,ehi->eti", x, wg)) * jnp.einsum("th,ehi->eti", x, wu)
+    return jnp.einsum("eti,eih->eth", h, wd)
+
+  def grouped(self, x, group_sizes):
+    """x: [rows, hidden] sorted by expert, group_sizes [experts] -> [rows, hidden]."""
+    wg, wu, wd = self.weights()
+    h = (jax.nn.silu(jax.lax.ragged_dot(x, wg, group_sizes))
+         * jax.lax.ragged_dot(x, wu, group_sizes))
+    return jax.lax.ragged_dot(h, wd, group_sizes)
+
+
+def _impl(cfg: TextConfig) -> str:
+  if cfg.moe_dispatch == "capacity":
+    return "capacity"
+  if cfg.moe_impl == "auto":
+    return "dense" if jax.default_backend() == "cpu" else "ragged"
+  return cfg.moe_impl
+
+
+class MoeBlock(nn.Module):
+  cfg: TextConfig
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    cfg = self.cfg
+    dtype = to_dtype(cfg.dtype)
+    b, s, h = x.shape
+    tokens = x.reshape(b * s, h)
+    e, k = cfg.num_experts, cfg.num_experts_per_tok
+    kernel = self.param("router", nn.with_logical_partitioning(router_init, ("embed", None)), (h, e),
+                        to_dtype(cfg.param_dtype))
+    # The router runs in fp32 whatever the compute dtype (as DeepSpeed's gate does).
+    logits = jnp.dot(tokens.astype(jnp.float32), kernel.astype(jnp.float32))  # [tokens, experts]
+    noise = (routing.gumbel_noise(self.make_rng("router"), logits.shape)
+             if cfg.router_noise == "gumbel" else None)
+    experts = Experts(cfg, name="experts")
+    impl = _impl(cfg)
+
+    if impl == "capacity":
+      factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
+      capacity = routing.expert_capacity(b * s, e, k, factor, cfg.min_capacity)
+      r = routing.route_with_capacity(logits, k, capacity, noise=noise)
+      slot = jax.nn.one_hot(jnp.where(r.kept, r.positions, capacity), capacity, dtype=dtype)  # [T,k,C]
+      onehot = jax.nn.one_hot(r.experts, e, dtype=dtype)  # [T, k, E]
+      dispatch = jnp.einsum("tke,tkc->tec", onehot, slot)
+      combine = jnp.einsum("tke,tkc,tk->tec", onehot, slot, r.weights.astype(dtype))
+      expert_out = experts(jnp.einsum("tec,th->ech", dispatch, tokens.astype(dtype)))
+      out = jnp.einsum("tec,ech->th", combine, expert_out)
+    else:
+      r = routing.route_dropless(logits, k, normalize=cfg.norm_topk_prob, noise=noise)
+      if impl == "dense":
+        combine = jnp.sum(jax.nn.one_hot(r.experts, e, dtype=jnp.float32) * r.weights[..., None], 1)
+        expert_out = experts.every_token(tokens.astype(dtype))  # [E, T, H]
+        out = jnp.einsum("te,eth->th", combine.astype(dtype), expert_out)
+      elif impl == "ragged":
+        flat = r.experts.reshape(-1)  # [T * k]
+        order = jnp.argsort(flat, stable=True)
+        group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+        rows = experts.grouped(tokens.astype(dtype)[order // k], group_sizes)
+        unsorted = jnp.zeros_like(rows).at[order].set(rows).reshape(b * s, k, h)
+        out = jnp.einsum("tkh,tk->th", unsorted, r.weights.astype(dtype))
+      else:
+        raise ValueError(f"moe_impl must be 'auto', 'dense' or 'ragged', got {cfg.moe_impl!r}")
+
+    self.sow("moe", "load_balancing_loss", routing.load_balancing_loss(r))
+    self.sow("moe", "z_loss", routing.z_loss(logits))
+    for name, value in routing.metrics(r).items():
+      self.sow("moe", name, value)
+    return out.reshape(b, s, h).astype(dtype)
