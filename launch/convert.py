@@ -15,11 +15,13 @@ import logging as std_logging
 import os
 
 from absl import app, flags, logging
+from etils import epath
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory to read.")
 _CKPT_DIR = flags.DEFINE_string("ckpt_dir", None, "Orbax checkpoint directory (written or read).")
 _OUT_HF_DIR = flags.DEFINE_string("out_hf_dir", None, "Hugging Face model directory to write.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step: to write (default 0) or read (default latest).")
+_STEP = flags.DEFINE_integer("step", None,
+                             "Checkpoint step to write (default 0) or to read (default: latest).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                            "HF -> Orbax: compute dtype. Orbax -> HF: dtype of the written tensors.")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16", "float16"],
@@ -41,7 +43,7 @@ def _direction() -> str:
     return "to_orbax"
   if _PARAM_DTYPE.value:
     raise app.UsageError("--param_dtype only applies to --hf_dir (HF -> Orbax)")
-  if not os.path.isdir(_CKPT_DIR.value):
+  if not epath.Path(_CKPT_DIR.value).is_dir():  # epath: gs:// checkpoints work too
     raise app.UsageError(f"--ckpt_dir={_CKPT_DIR.value}: no such checkpoint directory")
   return "to_hf"
 

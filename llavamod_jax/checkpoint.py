@@ -45,8 +45,12 @@ def manager(ckpt_dir: str | os.PathLike, *, create: bool = True,
   """A CheckpointManager over `ckpt_dir` that knows the model items (and any `item_handlers`).
 
   create=False leaves a missing directory missing (readers). `options` are
-  `ocp.CheckpointManagerOptions` fields (max_to_keep, save_interval_steps, ...).
+  `ocp.CheckpointManagerOptions` fields (max_to_keep, save_interval_steps, ...); step directories
+  keep orbax's default names (`CKPT_DIR/<step>`), which the item checks here rely on.
   """
+  renamed = sorted(set(options) & {"step_prefix", "step_format_fixed_length", "step_name_format"})
+  if renamed:
+    raise ValueError(f"checkpoint.manager: {renamed} not supported (step directories are <step>)")
   handlers = {**_handlers(), **(item_handlers or {})}
   opts = ocp.CheckpointManagerOptions(create=create, **options)
   return ocp.CheckpointManager(_path(ckpt_dir), item_handlers=handlers, options=opts)
@@ -98,9 +102,14 @@ def _stored_items(mngr: ocp.CheckpointManager, step: int) -> set[str]:
 
 def save_model(ckpt_dir: str | os.PathLike, model, params, step: int = 0) -> epath.Path:
   """Write `params` and `model.cfg` as checkpoint `step` of `ckpt_dir`; returns the step directory."""
+  params = nn.unbox(params)
+  problems = _mismatches(_flatten(params), _flatten(nn.unbox(models.abstract_params(model))))
+  if problems:
+    raise ValueError(f"{ckpt_dir}: params do not match the model, nothing written\n"
+                     + "\n".join(problems[:40]))
   with manager(ckpt_dir) as mngr:
     save_items(mngr, step, {
-        PARAMS: ocp.args.StandardSave(nn.unbox(params)),
+        PARAMS: ocp.args.StandardSave(params),
         MODEL_CONFIG: ocp.args.JsonSave(configs.to_dict(model.cfg)),
     })
     return epath.Path(mngr.directory) / str(step)
@@ -154,18 +163,23 @@ def _params_target(mngr, step: int, expected, shardings):
   stored = mngr.item_metadata(step)[PARAMS]
   stored = getattr(stored, "tree", stored)  # TreeMetadata wraps the tree of ArrayMetadata
   flat_stored = _flatten(stored)
-  flat_expected = _flatten(expected)
-  problems = [f"  missing parameter: {p}" for p in sorted(set(flat_expected) - set(flat_stored))]
-  problems += [f"  unexpected parameter: {p}" for p in sorted(set(flat_stored) - set(flat_expected))]
-  problems += [f"  {p}: stored shape {tuple(flat_stored[p].shape)}, model expects {tuple(e.shape)}"
-               for p, e in sorted(flat_expected.items())
-               if p in flat_stored and tuple(flat_stored[p].shape) != tuple(e.shape)]
+  problems = _mismatches(flat_stored, _flatten(expected))
   if problems:
     raise ValueError(f"{mngr.directory}/{step}/{PARAMS}: parameters do not match the stored "
                      "model config\n" + "\n".join(problems[:40]))
   return jax.tree_util.tree_map_with_path(
       lambda path, e, sh: jax.ShapeDtypeStruct(e.shape, flat_stored[_key(path)].dtype, sharding=sh),
       expected, shardings)
+
+
+def _mismatches(got: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+  """Missing, unexpected and wrongly shaped parameters, one line each (flat path -> array-like)."""
+  problems = [f"  missing parameter: {p}" for p in sorted(set(expected) - set(got))]
+  problems += [f"  unexpected parameter: {p}" for p in sorted(set(got) - set(expected))]
+  problems += [f"  {p}: shape {tuple(got[p].shape)}, model expects {tuple(e.shape)}"
+               for p, e in sorted(expected.items())
+               if p in got and tuple(got[p].shape) != tuple(e.shape)]
+  return problems
 
 
 def _flatten(tree) -> dict[str, Any]:

@@ -1,13 +1,13 @@
 """Autoregressive generation with the functional KV cache, as one jitted function.
 
-One prefill writes the (left-padded) prompt into a cache of length prompt_len + max_new_tokens, then a
-`lax.while_loop` feeds one token at a time and stops as soon as every sequence has emitted EOS. Positions
-and masks follow transformers' `generate`: position = cumsum(mask) - 1 with pads at 0, and each new token
-continues at the row's count of real prompt tokens, so greedy tokens match it exactly.
+One prefill writes the (left-padded) prompt into a cache of length prompt_len + max_new_tokens, then
+a `lax.while_loop` feeds one token at a time and stops as soon as every sequence has emitted EOS.
+Positions and masks follow transformers' `generate` (position = cumsum(mask) - 1, pads at 0; new
+tokens continue from the row's count of real prompt tokens), so greedy tokens match it exactly.
 
-Works for `DecoderLM` and `Llava`: both take (input_ids, attention_mask=, position_ids=, cache=,
-cache_index=, compute_logits=) and have a `logits(hidden_states)` method; only Llava's prefill gets
-pixel_values (channels-last [images, H, W, 3]).
+Works for `DecoderLM` and `Llava`, which share one call signature and a `logits(hidden_states)`
+method; only Llava's prefill gets pixel_values (channels-last [images, H, W, 3]); decode steps pass
+None, so a generated image token id is embedded as text, as transformers does.
 """
 
 from __future__ import annotations
@@ -29,19 +29,20 @@ class GenerateOutput:
   lengths: Any  # [batch] generated tokens per row, up to and including its EOS
 
 
-def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *, max_new_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, eos_token_id=None, pad_token_id: int = 0,
-             rng=None) -> GenerateOutput:
+def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *,
+             max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, eos_token_id=None,
+             pad_token_id: int = 0, rng=None) -> GenerateOutput:
   """Greedy (temperature 0) or temperature + nucleus sampling; prompts must be left-padded."""
   input_ids = jnp.asarray(input_ids, jnp.int32)
   if attention_mask is None:
     attention_mask = jnp.ones_like(input_ids)
   mask = np.asarray(attention_mask)
   if mask.shape != input_ids.shape:
-    raise ValueError(f"attention_mask has shape {mask.shape}, expected input_ids' {input_ids.shape}")
+    raise ValueError(f"attention_mask has shape {mask.shape}, "
+                     f"expected input_ids' shape {input_ids.shape}")
   # The last prompt slot is where the first token's logits come from, so it must be real.
   if not mask[:, -1].all():
-    raise ValueError("generate expects left-padded prompts: attention_mask[:, -1] must be all ones, "
+    raise ValueError("generate expects left-padded prompts (attention_mask[:, -1] all ones); "
                      f"rows {np.flatnonzero(mask[:, -1] == 0).tolist()} end in padding")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -66,9 +67,9 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
 def sample_logits(logits, rng, temperature, top_p, greedy: bool):
   """Next tokens [batch] from logits [batch, vocab]: argmax, or temperature then top-p sampling.
 
-  The nucleus keeps a token when the probability mass ranked strictly above it is < top_p, the rule of
-  transformers' TopPLogitsWarper (the top token is always kept); tokens tied with the last kept one are
-  kept too, where transformers breaks the tie by sort order.
+  The nucleus keeps a token when the probability mass ranked strictly above it is < top_p, the rule
+  of transformers' TopPLogitsWarper (the top token is always kept); tokens tied with the last kept
+  one are kept too, where transformers breaks the tie by sort order.
   """
   if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -85,15 +86,14 @@ def sample_logits(logits, rng, temperature, top_p, greedy: bool):
 
 def _last_logits(module, input_ids, mask, positions, cache, index, pixel_values):
   """One forward through the cache; the LM head runs on the last position only."""
-  extra = {} if pixel_values is None else {"pixel_values": pixel_values}
-  out = module(input_ids, attention_mask=mask, position_ids=positions, cache=cache, cache_index=index,
-               compute_logits=False, **extra)
+  out = module(input_ids, pixel_values, mask, positions, cache=cache, cache_index=index,
+               compute_logits=False)
   return module.logits(out.hidden_states[:, -1]).astype(jnp.float32), out.cache
 
 
-# Only what changes the program is static: the model (a hashable Flax module), the output length and
-# greedy vs sampling. jax's cache then compiles once per (model, shapes, those two); temperature, top_p,
-# the EOS mask and the pad id are traced values.
+# Only what changes the program is static: the model (a hashable Flax module), the output length
+# and greedy vs sampling, so jax's cache compiles once per (model, shapes, those two); temperature,
+# top_p, the EOS mask and the pad id are traced values.
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "greedy"))
 def _generate(model, params, input_ids, mask, pixel_values, rng, temperature, top_p, eos,
               pad_token_id, *, max_new_tokens, greedy):
@@ -125,8 +125,9 @@ def _generate(model, params, input_ids, mask, pixel_values, rng, temperature, to
   def body(state):
     step, tokens, lengths, done, cache = state
     prev = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)  # [batch, 1]
-    logits, cache = model.apply(variables, prev, cache_mask, (prompt_real + step - 1)[:, None], cache,
-                                prompt_len + step - 1, None, method=_last_logits)
+    position = (prompt_real + step - 1)[:, None]
+    logits, cache = model.apply(variables, prev, cache_mask, position, cache, prompt_len + step - 1,
+                                None, method=_last_logits)
     lengths = lengths + ~done
     token, done = pick(logits, step, done)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)

@@ -42,9 +42,12 @@ def _assert_bitwise(got, want):
     assert g.dtype == w.dtype and np.array_equal(np.asarray(g), np.asarray(w)), path
 
 
-@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
-def test_restore_model_is_bitwise(tmp_path, param_dtype):
-  cfg = LLAVA.replace(text=TEXT.replace(param_dtype=param_dtype))
+@pytest.mark.parametrize("text", [
+    TEXT.replace(param_dtype="bfloat16"),
+    TEXT.replace(num_experts=4, num_experts_per_tok=2, moe_layers=(0,)),  # an upcycled student
+], ids=["dense-bf16", "moe-f32"])
+def test_restore_model_is_bitwise(tmp_path, text):
+  cfg = LLAVA.replace(text=text)
   model = models.build(cfg)
   params = _random_params(model, seed=1)
   step_dir = checkpoint.save_model(tmp_path / "ckpt", model, params, step=7)
@@ -60,7 +63,7 @@ def test_restore_model_is_bitwise(tmp_path, param_dtype):
 
 def test_latest_step_by_default_and_any_step_on_request(tmp_path):
   model = models.build(TEXT)
-  first, second = models.init_params(model, seed=0), _random_params(model, seed=1)
+  first, second = _random_params(model, seed=0), _random_params(model, seed=1)
   checkpoint.save_model(tmp_path, model, first, step=1)
   checkpoint.save_model(tmp_path, model, second, step=5)
   _assert_bitwise(checkpoint.restore_model(tmp_path)[1], second)
@@ -115,6 +118,8 @@ def test_errors_name_the_directory(tmp_path):
   with checkpoint.manager(ckpt) as mngr:
     with pytest.raises(FileNotFoundError, match=r"ckpt/2: checkpoint has no item\(s\) \['opt_state'\]"):
       checkpoint.restore_items(mngr, 2, {"opt_state": ocp.args.StandardRestore()})
+  with pytest.raises(ValueError, match="step_prefix"):
+    checkpoint.manager(ckpt, step_prefix="step")
   shutil.rmtree(ckpt / "2" / checkpoint.PARAMS)
   with pytest.raises(FileNotFoundError, match=r"ckpt/2: checkpoint has no 'params' item"):
     checkpoint.restore_model(ckpt)
@@ -127,8 +132,23 @@ def test_params_that_do_not_fit_the_stored_config_are_rejected(tmp_path):
         checkpoint.PARAMS: ocp.args.StandardSave(_random_params(bigger)),
         checkpoint.MODEL_CONFIG: ocp.args.JsonSave(configs.to_dict(TEXT)),
     })
-  with pytest.raises(ValueError, match=r"gate_proj/kernel: stored shape \(16, 32\), model expects \(16, 24\)"):
+  with pytest.raises(ValueError, match=r"gate_proj/kernel: shape \(16, 32\), model expects \(16, 24\)"):
     checkpoint.restore_model(tmp_path)
+
+
+def test_save_rejects_params_of_another_model(tmp_path):
+  other = _random_params(models.build(TEXT.replace(num_layers=3)))
+  with pytest.raises(ValueError, match=r"unexpected parameter: layers_2/"):
+    checkpoint.save_model(tmp_path / "ckpt", models.build(TEXT), other)
+  assert not (tmp_path / "ckpt").exists()
+
+
+def test_an_interrupted_save_is_not_a_step(tmp_path):
+  model = models.build(TEXT)
+  params = _random_params(model)
+  checkpoint.save_model(tmp_path, model, params, step=1)
+  (tmp_path / "2.orbax-checkpoint-tmp-1234" / checkpoint.PARAMS).mkdir(parents=True)  # a crash mid-save
+  _assert_bitwise(checkpoint.restore_model(tmp_path)[1], params)
 
 
 def test_text_only_qwen2_hf_round_trip(tmp_path, torch):

@@ -9,7 +9,7 @@ import pytest
 
 import tiny_hf
 from llavamod_jax import generate as gen
-from llavamod_jax import hf
+from llavamod_jax import hf, moe
 from llavamod_jax.models.llm import init_cache
 
 PADS = (0, 3, 5)  # left pads per prompt row
@@ -24,7 +24,7 @@ def models(torch, tmp_path_factory):
   for name, build in [("qwen2", lambda: tiny_hf.causal_lm("qwen2")),
                       ("llama", lambda: tiny_hf.causal_lm("llama")),
                       ("llava", lambda: tiny_hf.llava("clip", "qwen2"))]:
-    ref = build()
+    ref = build()  # tiny_hf sharpens q/k so position and mask mistakes show in the tokens
     out[name] = (ref, *hf.load(tiny_hf.save(ref, tmp_path_factory.mktemp(name))))
   return out
 
@@ -51,12 +51,11 @@ def positions(mask):
 
 @functools.partial(jax.jit, static_argnums=0)
 def apply(model, params, ids, pix, **kw):
-  extra = {} if pix is None else {"pixel_values": pix}
-  return model.apply({"params": params}, ids, **extra, **kw)
+  return model.apply({"params": params}, ids, pix, **kw)
 
 
 def hf_generate(ref, ids, mask, pix, eos, pad=0):
-  """transformers' greedy tokens padded to NEW with `pad`, and the smallest top-1/top-2 logit gap."""
+  """transformers' greedy tokens padded to NEW with `pad`, and the smallest top-2 logit gap."""
   import torch
 
   kw = {} if pix is None else {"pixel_values": torch.as_tensor(pix.transpose(0, 3, 1, 2).copy())}
@@ -133,6 +132,16 @@ def test_greedy_matches_transformers(models, name):
   np.testing.assert_array_equal(out.tokens, want)
 
 
+def test_upcycled_moe_generates_the_dense_tokens(models):
+  """An upcycled student computes what the dense model does, through the cache and the loop too."""
+  _, model, params = models["qwen2"]
+  ids, mask, _ = prompts("qwen2", model)
+  dense = gen.generate(model, params, ids, mask, max_new_tokens=NEW).tokens
+  moe_model, moe_params = moe.upcycle(model, params, num_experts=4, top_k=2, layers="all")
+  out = gen.generate(moe_model, moe_params, ids, mask, max_new_tokens=NEW)
+  np.testing.assert_array_equal(out.tokens, dense)
+
+
 def expected_lengths(tokens, eos):
   hit = np.isin(tokens, eos)
   return np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, tokens.shape[1])
@@ -181,11 +190,14 @@ def test_sampling(models):
   np.testing.assert_array_equal(tiny_p.tokens, greedy)
 
   def sample(seed, temperature=1.0, top_p=1.0):
-    return np.asarray(gen.generate(model, params, ids, mask, max_new_tokens=NEW, rng=jax.random.PRNGKey(seed),
-                                   temperature=temperature, top_p=top_p).tokens)
+    out = gen.generate(model, params, ids, mask, max_new_tokens=NEW, temperature=temperature,
+                       top_p=top_p, rng=jax.random.PRNGKey(seed))
+    return np.asarray(out.tokens)
 
   np.testing.assert_array_equal(sample(3), sample(3))
   assert (sample(3) != sample(4)).any()
+  # Every step draws fresh randomness: near-uniform sampling does not repeat one token along a row.
+  assert all(len(set(row)) > 1 for row in sample(5, temperature=1e6).tolist())
 
   # First tokens over many seeds stay inside the nucleus computed from transformers' logits.
   temperature, top_p = 0.7, 0.5
@@ -214,7 +226,8 @@ def test_repeated_calls_do_not_retrace(models, monkeypatch):
   _, model, params = models["qwen2"]
   traces = []
   sample_logits = gen.sample_logits
-  monkeypatch.setattr(gen, "sample_logits", lambda *a, **k: traces.append(1) or sample_logits(*a, **k))
+  monkeypatch.setattr(gen, "sample_logits",
+                      lambda *a, **k: traces.append(1) or sample_logits(*a, **k))
   ids, mask, _ = prompts("qwen2", model)
   new = 5  # a length no other test compiles, so the first call must trace
 

@@ -310,7 +310,11 @@ def _write_config(d: dict, directory: Path) -> None:
 
 
 def _carry_files(source: str, dest: Path) -> None:
-  if not source or not Path(source).is_dir():
+  if not source:
+    return
+  if not Path(source).is_dir():
+    log.warning("tokenizer/processor files not carried over: the source directory %s is gone; "
+                "copy them into %s by hand", source, dest.name)
     return
   for f in sorted(Path(source).iterdir()):
     if f.is_file() and any(fnmatch.fnmatch(f.name, pat) for pat in CARRIED_FILES):

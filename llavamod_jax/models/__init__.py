@@ -46,4 +46,4 @@ def init_params(model, seed: int = 0):
   import flax.linen as nn
   import jax
 
-  return nn.unbox(_init(model, jax.random.key(seed)))
+  return nn.unbox(jax.jit(lambda rng: _init(model, rng))(jax.random.key(seed)))

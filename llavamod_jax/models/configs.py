@@ -46,7 +46,8 @@ class TextConfig:
   moe_intermediate_size: int = 0  # 0: intermediate_size
   norm_topk_prob: bool = True  # renormalise the k routing weights to sum to 1
   moe_dispatch: str = "dropless"  # dropless | capacity (the original's token dropping)
-  moe_impl: str = "auto"  # dropless kernels: auto (dense on CPU, ragged elsewhere) | dense | ragged
+  moe_impl: str = "auto"  # dropless kernels: auto | dense | ragged | blocked (see moe_block.py)
+  moe_block_size: int = 128  # rows per block of the "blocked" kernel
   capacity_factor: float = 1.5  # capacity dispatch, training
   eval_capacity_factor: float = 2.0  # capacity dispatch, evaluation
   min_capacity: int = 0
@@ -140,8 +141,8 @@ def from_dict(d: dict[str, Any]):
   d = dict(d)
   kind = d.pop("__kind__", None)
   if kind == "LlavaConfig":
-    d["text"] = TextConfig(**{k: v for k, v in d["text"].items() if k != "__kind__"})
-    d["vision"] = VisionConfig(**{k: v for k, v in d["vision"].items() if k != "__kind__"})
+    d["text"] = from_dict({**d["text"], "__kind__": "TextConfig"})
+    d["vision"] = from_dict({**d["vision"], "__kind__": "VisionConfig"})
     if isinstance(d.get("vision_feature_layer"), list):
       d["vision_feature_layer"] = tuple(d["vision_feature_layer"])
     return LlavaConfig(**d)

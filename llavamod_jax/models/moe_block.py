@@ -1,11 +1,14 @@
 """Sparse top-k MoE feed-forward block: a router and E SwiGLU experts stacked as [experts, ...].
 
-Three ways to run the experts (config `moe_dispatch` / `moe_impl`), all computing the same function
+Four ways to run the experts (config `moe_dispatch` / `moe_impl`), all computing the same function
 when nothing is dropped:
   * dropless "ragged": sort the (token, choice) pairs by expert, one grouped matmul per projection
-    (`jax.lax.ragged_dot`), unsort and combine — k/E of the dense FLOPs;
+    (`jax.lax.ragged_dot`), unsort and combine — k/E of the dense FLOPs; the default off CPU;
+  * dropless "blocked": the same sort, each expert's rows padded to whole blocks and one batched
+    matmul over blocks with per-block expert weights — plain matmuls, the default on CPU where
+    ragged_dot is slow (bench/moe_layer.py);
   * dropless "dense": every expert on every token, combined with the (mostly zero) routing weights —
-    E/k x the FLOPs, but plain matmuls; faster on CPU for small E (see bench/moe_layer.py);
+    E/k x the FLOPs; a simple reference;
   * "capacity": GShard-style dispatch/combine einsums over [tokens, experts, capacity] slots, with the
     original's capacity factor (train/eval), top-1 priority and token dropping.
 
@@ -64,6 +67,29 @@ class Experts(nn.Module):
     h = jax.nn.silu(jnp.einsum("th,ehi->eti", x, wg)) * jnp.einsum("th,ehi->eti", x, wu)
     return jnp.einsum("eti,eih->eth", h, wd)
 
+  def blocked(self, x, experts_sorted, group_sizes, block: int):
+    """Grouped matmul without ragged kernels: each expert's rows padded to whole blocks of `block`
+    rows, every block multiplied by its own expert's weights in one batched matmul.
+
+    x: [rows, hidden] sorted by expert (`experts_sorted` [rows]) -> [rows, hidden]. The padding costs
+    at most experts x block extra rows; gathering weights per block costs 1/block of the FLOPs.
+    """
+    rows, hidden = x.shape
+    num_experts = group_sizes.shape[0]
+    padded = (group_sizes + block - 1) // block * block
+    pad_start = jnp.cumsum(padded) - padded  # [experts]
+    start = jnp.cumsum(group_sizes) - group_sizes
+    dest = pad_start[experts_sorted] + jnp.arange(rows) - start[experts_sorted]  # [rows]
+    num_blocks = -(-(rows + num_experts * (block - 1)) // block)  # static upper bound
+    block_owner = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_blocks) * block, side="right")
+    block_owner = jnp.minimum(block_owner, num_experts - 1)
+    xb = jnp.zeros((num_blocks * block, hidden), x.dtype).at[dest].set(x).reshape(num_blocks, block, hidden)
+    wg, wu, wd = self.weights()
+    h = (jax.nn.silu(jnp.einsum("nbh,nhi->nbi", xb, wg[block_owner]))
+         * jnp.einsum("nbh,nhi->nbi", xb, wu[block_owner]))
+    out = jnp.einsum("nbi,nih->nbh", h, wd[block_owner]).reshape(num_blocks * block, hidden)
+    return out[dest]
+
   def grouped(self, x, group_sizes):
     """x: [rows, hidden] sorted by expert, group_sizes [experts] -> [rows, hidden]."""
     wg, wu, wd = self.weights()
@@ -75,8 +101,8 @@ class Experts(nn.Module):
 def _impl(cfg: TextConfig) -> str:
   if cfg.moe_dispatch == "capacity":
     return "capacity"
-  if cfg.moe_impl == "auto":
-    return "dense" if jax.default_backend() == "cpu" else "ragged"
+  if cfg.moe_impl == "auto":  # measured in bench/moe_layer.py: ragged_dot is slow on CPU
+    return "blocked" if jax.default_backend() == "cpu" else "ragged"
   return cfg.moe_impl
 
 
@@ -115,15 +141,18 @@ class MoeBlock(nn.Module):
         combine = jnp.sum(jax.nn.one_hot(r.experts, e, dtype=jnp.float32) * r.weights[..., None], 1)
         expert_out = experts.every_token(tokens.astype(dtype))  # [E, T, H]
         out = jnp.einsum("te,eth->th", combine.astype(dtype), expert_out)
-      elif impl == "ragged":
+      elif impl in ("ragged", "blocked"):
         flat = r.experts.reshape(-1)  # [T * k]
         order = jnp.argsort(flat, stable=True)
         group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-        rows = experts.grouped(tokens.astype(dtype)[order // k], group_sizes)
+        x_sorted = tokens.astype(dtype)[order // k]
+        rows = (experts.grouped(x_sorted, group_sizes) if impl == "ragged" else
+                experts.blocked(x_sorted, flat[order], group_sizes, cfg.moe_block_size))
         unsorted = jnp.zeros_like(rows).at[order].set(rows).reshape(b * s, k, h)
         out = jnp.einsum("tkh,tk->th", unsorted, r.weights.astype(dtype))
       else:
-        raise ValueError(f"moe_impl must be 'auto', 'dense' or 'ragged', got {cfg.moe_impl!r}")
+        raise ValueError(f"moe_impl must be 'auto', 'dense', 'ragged' or 'blocked', "
+                         f"got {cfg.moe_impl!r}")
 
     self.sow("moe", "load_balancing_loss", routing.load_balancing_loss(r))
     self.sow("moe", "z_loss", routing.z_loss(logits))

@@ -37,10 +37,11 @@ def converted(tmp_path_factory, torch):
 def test_round_trip_gives_the_original_logits_in_transformers(converted):
   import transformers
 
-  ref, _, _, out_dir, _ = converted
+  from llavamod_jax import hf
+
+  ref, hf_dir, _, out_dir, _ = converted
   back = transformers.LlavaForConditionalGeneration.from_pretrained(out_dir).eval()
-  n = ref.config.vision_config.image_size // ref.config.vision_config.patch_size
-  n_image_tokens = n * n  # CLS dropped ("default" feature selection)
+  n_image_tokens = hf.load_config(hf_dir).num_image_tokens
   rng = np.random.default_rng(0)
   ids = rng.integers(0, 100, (2, 30))
   ids[0, 3:3 + n_image_tokens] = tiny_hf.IMAGE_TOKEN
