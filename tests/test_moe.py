@@ -12,7 +12,7 @@ import tiny_hf
 from llavamod_jax import hf, models, moe
 
 DISPATCH = {"dense": dict(moe_impl="dense"), "ragged": dict(moe_impl="ragged"),
-            "capacity": dict(moe_dispatch="capacity")}
+            "blocked": dict(moe_impl="blocked", moe_block_size=8), "capacity": dict(moe_dispatch="capacity")}
 LAYERS = ["sparse", "first_half", "second_half", "all", [1, 2]]
 
 

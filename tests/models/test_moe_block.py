@@ -24,8 +24,11 @@ def _setup(cfg, tokens=(2, 9), seed=0):
   return x, nn.unbox(params)
 
 
-@pytest.mark.parametrize("options", [dict(moe_impl="dense"), dict(moe_impl="ragged"),
-                                     dict(moe_dispatch="capacity")], ids=["dense", "ragged", "capacity"])
+IMPLS = {"dense": dict(moe_impl="dense"), "ragged": dict(moe_impl="ragged"),
+         "blocked": dict(moe_impl="blocked", moe_block_size=4), "capacity": dict(moe_dispatch="capacity")}
+
+
+@pytest.mark.parametrize("options", list(IMPLS.values()), ids=list(IMPLS))
 @pytest.mark.parametrize("k,experts", [(2, 4), (1, 4), (2, 8)])
 def test_matches_plain_loop_when_nothing_dropped(options, k, experts):
   cfg = _cfg(num_experts=experts, num_experts_per_tok=k, eval_capacity_factor=float(experts), **options)
@@ -71,8 +74,7 @@ def test_gumbel_router_noise_needs_and_uses_an_rng():
   assert not np.allclose(a, b) and not np.allclose(a, clean)
 
 
-@pytest.mark.parametrize("options", [dict(moe_impl="dense"), dict(moe_impl="ragged"),
-                                     dict(moe_dispatch="capacity")], ids=["dense", "ragged", "capacity"])
+@pytest.mark.parametrize("options", list(IMPLS.values()), ids=list(IMPLS))
 def test_gradients_reach_router_and_every_expert(options):
   cfg = _cfg(**options)
   x, params = _setup(cfg, tokens=(4, 16), seed=4)
@@ -102,3 +104,11 @@ def test_load_balancing_loss_gradient_matches_finite_differences():
   eps = 1e-2
   fd = (lb(r + eps * d) - lb(r - eps * d)) / (2 * eps)
   assert float(jnp.sum(g * d)) == pytest.approx(float(fd), rel=2e-2, abs=1e-4)
+
+
+@pytest.mark.parametrize("block", [1, 3, 64])
+def test_blocked_kernel_any_block_size(block):
+  cfg = _cfg(num_experts=5, moe_impl="blocked", moe_block_size=block)
+  x, params = _setup(cfg, tokens=(2, 13), seed=6)
+  want, _, _ = reference_block(np.asarray(x), params, 2)
+  np.testing.assert_allclose(MoeBlock(cfg).apply({"params": params}, x), want, rtol=1e-5, atol=1e-5)
