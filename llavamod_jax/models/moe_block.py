@@ -9,8 +9,8 @@ when nothing is dropped:
     ragged_dot is slow (bench/moe_layer.py);
   * dropless "dense": every expert on every token, combined with the (mostly zero) routing weights —
     E/k x the FLOPs; a simple reference;
-  * "capacity": GShard-style dispatch/combine einsums over [tokens, experts, capacity] slots, with the
-    original's capacity factor (train/eval), top-1 priority and token dropping.
+  * "capacity": [experts, capacity] slot buffers as in GShard, with the original's capacity factor
+    (train/eval), top-1 priority and token dropping; filled by scatter and read by gather.
 
 Aux losses and per-layer metrics are sown into the "moe" collection (apply with mutable=["moe"]);
 `llavamod_jax.moe.collect` gathers them.
@@ -129,12 +129,15 @@ class MoeBlock(nn.Module):
       factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
       capacity = routing.expert_capacity(b * s, e, k, factor, cfg.min_capacity)
       r = routing.route_with_capacity(logits, k, capacity, noise=noise)
-      slot = jax.nn.one_hot(jnp.where(r.kept, r.positions, capacity), capacity, dtype=dtype)  # [T,k,C]
-      onehot = jax.nn.one_hot(r.experts, e, dtype=dtype)  # [T, k, E]
-      dispatch = jnp.einsum("tke,tkc->tec", onehot, slot)
-      combine = jnp.einsum("tke,tkc,tk->tec", onehot, slot, r.weights.astype(dtype))
-      expert_out = experts(jnp.einsum("tec,th->ech", dispatch, tokens.astype(dtype)))
-      out = jnp.einsum("tec,ech->th", combine, expert_out)
+      # Each kept (token, choice) owns a unique (expert, slot); a dropped one points past the end and
+      # is discarded by the scatter and read back as zero. Same result as GShard's one-hot dispatch
+      # and combine einsums, without their tokens x experts x capacity tensors (quadratic in tokens).
+      slot = jnp.where(r.kept, r.positions, capacity)
+      rows = jnp.broadcast_to(tokens.astype(dtype)[:, None], (b * s, k, h))
+      buffer = jnp.zeros((e, capacity, h), dtype).at[r.experts, slot].set(rows, mode="drop")
+      expert_out = experts(buffer)  # [experts, capacity, hidden]
+      picked = expert_out.at[r.experts, slot].get(mode="fill", fill_value=0)  # [tokens, k, hidden]
+      out = jnp.einsum("tkh,tk->th", picked, r.weights.astype(dtype))
     else:
       r = routing.route_dropless(logits, k, normalize=cfg.norm_topk_prob, noise=noise)
       if impl == "dense":
