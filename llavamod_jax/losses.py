@@ -129,6 +129,21 @@ def chunked_distillation(student_hidden, teacher_hidden, student_head: Callable,
   return {"kl": kl_sum / kl_count * temperature**2, "ce": ce_sum / ce_count}
 
 
+def chunked_cross_entropy(hidden, head: Callable, targets, mask, *, chunk_size: int = 256):
+  """`cross_entropy` from final hidden states, `chunk_size` positions of logits at a time."""
+
+  @jax.checkpoint
+  def chunk(h, tgt, m):
+    return jnp.sum(-token_logps(head(h), tgt) * m)
+
+  def body(total, xs):
+    return total + chunk(*xs), None
+
+  xs = tuple(_chunks(x, chunk_size) for x in (hidden, targets, mask))
+  total, _ = jax.lax.scan(body, jnp.float32(0), xs)
+  return total / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Preference distillation (the teacher is the reference model).
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Data: LLaVA sources, chat templates, image preprocessing, grain pipelines, the synthetic demo set."""

@@ -1,0 +1,1 @@
+"""Training: trainable masks, optimizer, jit-compiled train and eval steps."""

@@ -1,0 +1,282 @@
+"""Jit-compiled train and eval steps: sft (CE), mimic (KL to the teacher), preference (DPO family).
+
+A step is `state, metrics = step(state, batch, teacher_params)`; the train state is donated, so its
+buffers are reused for the new state. Inside one jit: the teacher's forward (no gradient), the
+student's forward and backward over the trainable parameters only, gradient accumulation over
+micro-batches, the optimizer update. A step whose loss or gradient is not finite leaves the state
+unchanged and reports `skipped=1`; the loop decides whether to stop.
+
+Batch (arrays, leading dim = global batch): `input_ids`, `attention_mask`, `labels` [B, S]
+(`losses.IGNORE` where not trained), optional `pixel_values` [B * images_per_sample, H, W, 3].
+The teacher reads the same arrays unless `teacher_input_ids` / `teacher_attention_mask` /
+`teacher_labels` / `teacher_pixel_values` are given (e.g. a different image-token count); response
+positions are then paired in order. Preference batches hold the chosen rows then the rejected rows
+(2B rows, same prompts); `reference_logps` [2B] may be precomputed, else the teacher computes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from llavamod_jax import losses, moe
+from llavamod_jax.train.optim import merge, partition
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any  # trainable parameters (nested dict)
+  frozen: Any  # everything else; no gradient, no optimizer state
+  opt_state: Any
+  rng: jax.Array
+
+  def full_params(self):
+    return merge(self.params, self.frozen)
+
+
+def init_state(params, patterns, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
+  trainable, frozen = partition(params, patterns)
+  return TrainState(step=jnp.int32(0), params=trainable, frozen=frozen, opt_state=tx.init(trainable),
+                    rng=jax.random.key(seed))
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  kl_weight: float = 1.0
+  ce_weight: float = 0.0  # the original: 0 for dense-to-dense (only_kd), 1 for dense-to-sparse (kd_lm)
+  aux_coef: float = 0.01  # load-balancing loss coefficient, summed over MoE layers
+  z_coef: float = 0.0  # router z-loss coefficient
+  temperature: float = 1.0
+  reverse_kl: bool = False
+  shift_mask: bool = True  # False: the original's off-by-one distillation mask
+  chunk_size: int = 0  # > 0: memory-bounded KL/CE over sequence chunks of this many positions
+  vocab_size: int = 0  # 0: the smaller of the two vocabularies
+  beta: float = 0.1
+  loss_type: str = "sigmoid"
+  label_smoothing: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward passes.
+# ---------------------------------------------------------------------------------------------
+
+
+def _apply(model, params, batch, prefix: str = "", *, train: bool, rng=None, logits: bool = True):
+  """(output, moe aux/metrics state) of `model` on the batch (or its `teacher_` arrays)."""
+  def get(name):
+    return batch.get(prefix + name, batch.get(name))
+
+  rngs = {"router": rng} if rng is not None else {}
+  out, state = model.apply({"params": params}, get("input_ids"), get("pixel_values"),
+                           get("attention_mask"), train=train, compute_logits=logits,
+                           mutable=["moe"], rngs=rngs)
+  return out, state.get("moe", {})
+
+
+def _moe_metrics(moe_state) -> dict[str, jax.Array]:
+  layers = moe.per_layer(moe_state)
+  if not layers:
+    return {}
+  load = [m["tokens_per_expert"] / jnp.maximum(jnp.sum(m["tokens_per_expert"]), 1) for m in
+          layers.values()]
+  return {
+      "moe/max_expert_load": jnp.mean(jnp.stack([jnp.max(x) for x in load])),
+      "moe/fraction_dropped": jnp.mean(jnp.stack([m["fraction_dropped"] for m in layers.values()])),
+      "moe/router_entropy": jnp.mean(jnp.stack([m["router_entropy"] for m in layers.values()])),
+  }
+
+
+def _aux_terms(moe_state, cfg: LossConfig):
+  aux = moe.aux_losses(moe_state)
+  return (cfg.aux_coef * aux["load_balancing_loss"] + cfg.z_coef * aux["z_loss"],
+          {"aux": aux["load_balancing_loss"], "z_loss": aux["z_loss"]})
+
+
+def _by_response(x, mask):
+  """Move each row's masked positions to the front, in order: (x [B, S, ...] moved, new mask)."""
+  order = jnp.argsort(~mask, axis=1, stable=True)
+  counts = jnp.sum(mask, axis=1, keepdims=True)
+  moved = jnp.take_along_axis(x, order[..., None], axis=1)
+  return moved, jnp.arange(mask.shape[1])[None] < counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses of each step kind: fn(params, teacher_params, batch, rng, train) -> (loss, metrics).
+# ---------------------------------------------------------------------------------------------
+
+
+def sft_loss(student, cfg: LossConfig):
+  def fn(params, teacher_params, batch, rng, train):
+    del teacher_params
+    out, moe_state = _apply(student, params, batch, train=train, rng=rng)
+    ce = losses.cross_entropy(out.logits, batch["labels"])
+    aux, aux_metrics = _aux_terms(moe_state, cfg)
+    loss = ce + aux
+    return loss, {"loss": loss, "ce": ce, **aux_metrics, **_moe_metrics(moe_state)}
+  return fn
+
+
+def mimic_loss(student, teacher, cfg: LossConfig):
+  vocab = cfg.vocab_size or None
+
+  def fn(params, teacher_params, batch, rng, train):
+    chunked = cfg.chunk_size > 0
+    t_out, _ = _apply(teacher, teacher_params, batch, "teacher_", train=False, logits=not chunked)
+    s_out, moe_state = _apply(student, params, batch, train=train, rng=rng, logits=not chunked)
+    labels = batch["labels"]
+    kl_mask = losses.distill_mask(labels, cfg.shift_mask)
+    targets, ce_mask = losses.next_token_targets(labels)
+    s_repr = s_out.hidden_states if chunked else s_out.logits
+    t_repr = jax.lax.stop_gradient(t_out.hidden_states if chunked else t_out.logits)
+    aligned = "teacher_labels" not in batch
+    if aligned:
+      s_kl, kl_mask_kl = s_repr, kl_mask
+    else:  # different prompt lengths: pair the response positions of both, in order
+      t_repr, _ = _by_response(t_repr, losses.distill_mask(batch["teacher_labels"], cfg.shift_mask))
+      s_kl, kl_mask_kl = _by_response(s_repr, kl_mask)
+      n = min(s_kl.shape[1], t_repr.shape[1])  # every response fits in the shorter sequence
+      s_kl, kl_mask_kl, t_repr = s_kl[:, :n], kl_mask_kl[:, :n], t_repr[:, :n]
+    kl_kw = dict(temperature=cfg.temperature, reverse=cfg.reverse_kl, vocab_size=vocab)
+    metrics = {}
+    if chunked:
+      head_s = lambda h: student.apply({"params": params}, h, method=student.logits)  # noqa: E731
+      head_t = lambda h: teacher.apply({"params": teacher_params}, h, method=teacher.logits)  # noqa
+      with_ce = bool(cfg.ce_weight) and aligned  # one pass computes both when positions line up
+      out = losses.chunked_distillation(
+          s_kl, t_repr, head_s, head_t, kl_mask_kl, targets,
+          ce_mask if with_ce else jnp.zeros_like(ce_mask), chunk_size=cfg.chunk_size, **kl_kw)
+      kl = out["kl"]
+      if with_ce:
+        ce = out["ce"]
+      elif cfg.ce_weight:
+        ce = losses.chunked_cross_entropy(s_out.hidden_states, head_s, targets, ce_mask,
+                                          chunk_size=cfg.chunk_size)
+      else:
+        ce = None
+    else:
+      kl = losses.kl_distillation(s_kl, t_repr, kl_mask_kl, **kl_kw)
+      ce = losses.cross_entropy(s_out.logits, labels)
+    aux, aux_metrics = _aux_terms(moe_state, cfg)
+    loss = cfg.kl_weight * kl + aux
+    if ce is not None:
+      loss = loss + cfg.ce_weight * ce
+      metrics["ce"] = ce
+    return loss, {"loss": loss, "kl": kl, **metrics, **aux_metrics, **_moe_metrics(moe_state)}
+  return fn
+
+
+def preference_loss(student, teacher, cfg: LossConfig):
+  def fn(params, teacher_params, batch, rng, train):
+    s_out, moe_state = _apply(student, params, batch, train=train, rng=rng)
+    policy = losses.sequence_logps(s_out.logits, batch["labels"])
+    if "reference_logps" in batch:
+      reference = batch["reference_logps"]
+    else:
+      t_out, _ = _apply(teacher, teacher_params, batch, "teacher_", train=False)
+      reference = losses.sequence_logps(t_out.logits, batch.get("teacher_labels", batch["labels"]))
+    reference = jax.lax.stop_gradient(reference)
+    half = policy.shape[0] // 2
+    pref, metrics = losses.preference_loss(policy[:half], policy[half:], reference[:half],
+                                           reference[half:], beta=cfg.beta, loss_type=cfg.loss_type,
+                                           label_smoothing=cfg.label_smoothing)
+    aux, aux_metrics = _aux_terms(moe_state, cfg)
+    loss = pref + aux
+    return loss, {"loss": loss, "preference": pref, **metrics, **aux_metrics,
+                  **_moe_metrics(moe_state)}
+  return fn
+
+
+LOSSES = {"sft": sft_loss, "mimic": mimic_loss, "preference": preference_loss}
+
+
+def loss_fn(kind: str, student, teacher, cfg: LossConfig) -> Callable:
+  if kind not in LOSSES:
+    raise ValueError(f"step kind {kind!r}: expected one of {sorted(LOSSES)}")
+  return LOSSES[kind](student, cfg) if kind == "sft" else LOSSES[kind](student, teacher, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps.
+# ---------------------------------------------------------------------------------------------
+
+
+def _micro_batches(batch, n: int):
+  """Split every array's leading axis into [n, size / n, ...]."""
+  def split(x):
+    if x.shape[0] % n:
+      raise ValueError(f"batch dimension {x.shape[0]} is not divisible by grad_accum_steps={n}")
+    return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(kind: str, student, teacher, tx: optax.GradientTransformation,
+                    cfg: LossConfig = LossConfig(), *, grad_accum_steps: int = 1,
+                    schedule: optax.Schedule | None = None):
+  """A jitted `step(state, batch, teacher_params) -> (state, metrics)` (state donated)."""
+  loss = loss_fn(kind, student, teacher, cfg)
+  router_noise = getattr(student.cfg, "text", student.cfg).router_noise == "gumbel"
+
+  def grads_of(trainable, frozen, teacher_params, batch, rng):
+    def f(p):
+      return loss(merge(p, frozen), teacher_params, batch, rng if router_noise else None, True)
+    (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(trainable)
+    return grads, metrics
+
+  def step(state: TrainState, batch, teacher_params):
+    rng, step_rng = jax.random.split(state.rng)
+    if grad_accum_steps == 1:
+      grads, metrics = grads_of(state.params, state.frozen, teacher_params, batch, step_rng)
+    else:
+      if kind == "preference":
+        batch = _interleave_halves(batch, grad_accum_steps)
+      micro = _micro_batches(batch, grad_accum_steps)
+
+      def body(acc, xs):
+        mb, i = xs
+        g, m = grads_of(state.params, state.frozen, teacher_params, mb, jax.random.fold_in(step_rng, i))
+        return jax.tree.map(jnp.add, acc, (g, m)), None
+
+      zeros = jax.eval_shape(lambda: grads_of(state.params, state.frozen, teacher_params,
+                                              jax.tree.map(lambda x: x[0], micro), step_rng))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+      (grads, metrics), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum_steps)))
+      grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    new_state = state.replace(step=state.step + ok.astype(jnp.int32), params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state), rng=rng)
+    metrics = {**metrics, "grad_norm": grad_norm, "skipped": (~ok).astype(jnp.int32)}
+    if schedule is not None:
+      metrics["learning_rate"] = schedule(state.step)
+    return new_state, metrics
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def _interleave_halves(batch, n: int):
+  """Preference rows [chosen (n x m), rejected (n x m)] -> [chosen m, rejected m] x n, so that equal
+  micro-batches each keep their chosen half first and their rejected half second."""
+  def reorder(x):
+    y = x.reshape(2, n, x.shape[0] // (2 * n), *x.shape[1:])
+    return jnp.swapaxes(y, 0, 1).reshape(x.shape)
+  return jax.tree.map(reorder, batch)
+
+
+def make_eval_step(kind: str, student, teacher, cfg: LossConfig = LossConfig(), *,
+                   rng: jax.Array | None = None):
+  """A jitted `metrics = eval_step(params, batch, teacher_params)` (no update, train=False).
+
+  `rng` is needed only by a student with Gumbel router noise (the original adds it at eval too).
+  """
+  loss = loss_fn(kind, student, teacher, cfg)
+  return jax.jit(lambda params, batch, teacher_params: loss(params, teacher_params, batch, rng,
+                                                             False)[1])

@@ -1,0 +1,249 @@
+"""Train and eval steps: frozen parameters stay put, losses fall, one compile, accumulation, chunking."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from llavamod_jax import losses, models, moe
+from llavamod_jax.models.configs import LlavaConfig, TextConfig, VisionConfig
+from llavamod_jax.train import optim, steps
+
+IGN = losses.IGNORE
+VOCAB = 48
+
+
+def _text(hidden, layers, vocab=VOCAB, **kw):
+  return TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=layers,
+                    num_heads=4, num_kv_heads=2, rope_theta=10000.0, **kw)
+
+
+@pytest.fixture(scope="module")
+def lms():
+  teacher = models.build(_text(32, 2, vocab=VOCAB + 8))  # teacher has padding vocab rows
+  dense = models.build(_text(16, 2))
+  tp = models.init_params(teacher, 1)
+  dp = models.init_params(dense, 2)
+  student, sp = moe.upcycle(dense, dp, num_experts=4, top_k=2, layers="all")
+  # Different experts, as after some training, so routing matters.
+  sp = jax.tree.map(lambda a: a + 0.02 * jax.random.normal(jax.random.key(3), a.shape), sp)
+  return teacher, tp, student, sp
+
+
+def _batch(rng, b=4, s=12, prompt=4):
+  ids = rng.integers(0, VOCAB, (b, s)).astype(np.int32)
+  labels = ids.copy()
+  labels[:, :prompt] = IGN
+  mask = np.ones_like(ids)
+  mask[0, -2:] = 0  # right padding on one row
+  labels[0, -2:] = IGN
+  return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
+          "labels": jnp.asarray(labels)}
+
+
+def _copy(tree):
+  """Train steps donate their state; keep the module-scoped fixture's arrays alive."""
+  return jax.tree.map(jnp.copy, tree)
+
+
+def _flat(tree):
+  return traverse_util.flatten_dict(tree, sep="/")
+
+
+@pytest.mark.parametrize("kind", ["sft", "mimic"])
+def test_loss_falls_and_frozen_params_never_change(lms, kind):
+  teacher, tp, student, sp = lms
+  tx, schedule = optim.adamw(3e-2, total_steps=8, warmup_ratio=0.0)
+  state = steps.init_state(_copy(sp), [r"layers_\d+/mlp/.*"], tx)
+  frozen_before = jax.tree.map(np.array, state.frozen)
+  train_before = jax.tree.map(np.array, state.params)
+  assert all("mlp" in k for k in _flat(state.params))
+  assert set(_flat(state.opt_state[1][0].mu)) == set(_flat(state.params))  # no state for frozen
+  step = steps.make_train_step(kind, student, teacher, tx, steps.LossConfig(ce_weight=0.5),
+                               schedule=schedule)
+  batch = _batch(np.random.default_rng(0))
+  seen = []
+  for _ in range(8):
+    state, metrics = step(state, batch, tp)
+    seen.append(float(metrics["loss"]))
+  assert seen[-1] < 0.92 * seen[0]
+  assert int(state.step) == 8 and int(metrics["skipped"]) == 0
+  for k, v in _flat(state.frozen).items():
+    np.testing.assert_array_equal(v, _flat(frozen_before)[k], err_msg=k)
+  assert all(not np.array_equal(v, _flat(train_before)[k]) for k, v in _flat(state.params).items())
+  assert step._cache_size() == 1  # same shapes: compiled once
+  assert {"aux", "z_loss", "grad_norm", "learning_rate", "moe/max_expert_load"} <= set(metrics)
+
+
+def test_preference_step_learns_and_precomputed_reference_matches(lms):
+  teacher, tp, student, sp = lms
+  rng = np.random.default_rng(1)
+  chosen, rejected = _batch(rng), _batch(rng)
+  rejected["input_ids"] = rejected["input_ids"].at[:, :4].set(chosen["input_ids"][:, :4])
+  batch = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), chosen, rejected)
+  tx, _ = optim.adamw(1e-2, total_steps=6, warmup_ratio=0.0)
+  cfg = steps.LossConfig(loss_type="sigmoid", beta=0.5)
+  step = steps.make_train_step("preference", student, teacher, tx, cfg)
+  state = steps.init_state(_copy(sp), optim.trainable_patterns("all"), tx)
+  margins = []
+  for _ in range(6):
+    state, m = step(state, batch, tp)
+    margins.append(float(m["rewards/margin"]))
+  assert margins[-1] > margins[0] + 0.1
+  ref = losses.sequence_logps(teacher.apply({"params": tp}, batch["input_ids"],
+                                            attention_mask=batch["attention_mask"]).logits,
+                              batch["labels"])
+  ev = steps.make_eval_step("preference", student, teacher, cfg)
+  a = ev(state.full_params(), batch, tp)
+  b = ev(state.full_params(), {**batch, "reference_logps": ref}, None)
+  for k in ("loss", "rewards/chosen", "rewards/margin"):
+    assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("shift_mask", [True, False])
+def test_chunked_mimic_equals_unchunked(lms, shift_mask):
+  teacher, tp, student, sp = lms
+  batch = _batch(np.random.default_rng(2))
+  grads = {}
+  for chunk in (0, 5):
+    cfg = steps.LossConfig(ce_weight=1.0, chunk_size=chunk, shift_mask=shift_mask, temperature=2.0)
+    f = steps.loss_fn("mimic", student, teacher, cfg)
+    (v, m), g = jax.value_and_grad(lambda p: f(p, tp, batch, None, True), has_aux=True)(sp)
+    grads[chunk] = (v, m, g)
+  (v0, m0, g0), (v1, m1, g1) = grads[0], grads[5]
+  assert float(v1) == pytest.approx(float(v0), rel=1e-5)
+  assert float(m1["kl"]) == pytest.approx(float(m0["kl"]), rel=1e-5)
+  assert float(m1["ce"]) == pytest.approx(float(m0["ce"]), rel=1e-5)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)
+
+
+def test_mimic_kl_matches_a_direct_computation(lms):
+  teacher, tp, student, sp = lms
+  batch = _batch(np.random.default_rng(3))
+  cfg = steps.LossConfig(ce_weight=0.0)
+  m = steps.make_eval_step("mimic", student, teacher, cfg)(sp, batch, tp)
+  s_logits = np.asarray(student.apply({"params": sp}, batch["input_ids"],
+                                      attention_mask=batch["attention_mask"]).logits, np.float64)
+  t_logits = np.asarray(teacher.apply({"params": tp}, batch["input_ids"],
+                                      attention_mask=batch["attention_mask"]).logits, np.float64)
+  labels = np.asarray(batch["labels"])
+  kls = []
+  for b in range(labels.shape[0]):
+    for t in range(labels.shape[1] - 1):
+      if labels[b, t + 1] == IGN:
+        continue
+      ps = np.exp(s_logits[b, t] - s_logits[b, t].max())
+      ps /= ps.sum()
+      pt = np.exp(t_logits[b, t, :VOCAB] - t_logits[b, t, :VOCAB].max())
+      pt /= pt.sum()
+      kls.append(np.sum(pt * (np.log(pt) - np.log(ps))))
+  assert float(m["kl"]) == pytest.approx(np.mean(kls), rel=1e-4)
+  assert float(m["loss"]) == pytest.approx(float(m["kl"]) + 0.01 * float(m["aux"]), rel=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch(lms):
+  teacher, tp, student, sp = lms
+  batch = _batch(np.random.default_rng(4))
+  batch["attention_mask"] = jnp.ones_like(batch["attention_mask"])  # equal token counts per row
+  batch["labels"] = batch["labels"].at[0, -2:].set(batch["input_ids"][0, -2:])
+  tx = optax.sgd(0.1)
+  out = []
+  for accum in (1, 2):
+    step = steps.make_train_step("mimic", student, teacher, tx, steps.LossConfig(ce_weight=1.0,
+                                                                                 aux_coef=0.0),
+                                 grad_accum_steps=accum)
+    state, m = step(steps.init_state(_copy(sp), [r".*"], tx), batch, tp)
+    out.append((state.params, m))
+  for a, b in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0])):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+  assert float(out[1][1]["kl"]) == pytest.approx(float(out[0][1]["kl"]), rel=1e-5)
+
+
+def test_preference_accumulation_keeps_pairs(lms):
+  teacher, tp, student, sp = lms
+  rng = np.random.default_rng(5)
+  chosen, rejected = _batch(rng), _batch(rng)
+  for d in (chosen, rejected):
+    d["attention_mask"] = jnp.ones_like(d["attention_mask"])
+  batch = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), chosen, rejected)
+  tx = optax.sgd(0.1)
+  cfg = steps.LossConfig(loss_type="ipo", aux_coef=0.0)  # ipo is a per-pair mean: accumulates exactly
+  results = []
+  for accum in (1, 2):
+    step = steps.make_train_step("preference", student, teacher, tx, cfg, grad_accum_steps=accum)
+    results.append(step(steps.init_state(_copy(sp), [r".*"], tx), batch, tp))
+  for a, b in zip(jax.tree.leaves(results[0][0].params), jax.tree.leaves(results[1][0].params)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_nonfinite_step_is_skipped(lms):
+  teacher, tp, student, sp = lms
+  tx, _ = optim.adamw(1e-3, total_steps=4)
+  state = steps.init_state(_copy(sp), [r".*"], tx)
+  before = jax.tree.map(np.array, state.params)
+  step = steps.make_train_step("mimic", student, teacher, tx)
+  bad_teacher = jax.tree.map(lambda x: x * jnp.nan, tp)
+  state, m = step(state, _batch(np.random.default_rng(6)), bad_teacher)
+  assert int(m["skipped"]) == 1 and int(state.step) == 0
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_stage_patterns_select_the_papers_parameters(lms):
+  _, _, student, sp = lms
+  cfg = LlavaConfig(text=student.cfg, vision=VisionConfig(hidden_size=8, intermediate_size=16,
+                                                          num_layers=1, num_heads=2, image_size=14,
+                                                          patch_size=7), image_token_id=VOCAB - 1)
+  params = {"language_model": sp, "vision_tower": {"x": jnp.zeros(1)},
+            "multi_modal_projector": {"linear_1": {"kernel": jnp.zeros(1)}}}
+  del cfg
+  paths = lambda spec: set(_flat(optim.partition(params, optim.trainable_patterns(spec))[0]))  # noqa
+  assert paths("adaptor") == {"multi_modal_projector/linear_1/kernel"}
+  assert not any(p.startswith("vision_tower") for s in optim.STAGE_TRAINABLE if s != "all"
+                 for p in paths(s))
+  d2s = paths("dense_to_sparse")
+  assert "language_model/layers_0/mlp/router" in d2s
+  assert "language_model/layers_0/mlp/experts/up_proj" in d2s
+  assert not any("self_attn" in p or "embed" in p or "norm" in p for p in d2s)
+  assert "language_model/embed_tokens/embedding" in paths("dense_to_dense")
+  with pytest.raises(ValueError, match="no parameter matches"):
+    optim.partition(params, ["nothing/.*"])
+
+
+def test_llava_mimic_with_different_image_token_counts():
+  """Teacher and student towers with different patch counts: responses paired in order."""
+  def llava(hidden, patch, seed):
+    cfg = LlavaConfig(text=_text(hidden, 1), image_token_id=VOCAB - 1,
+                      vision=VisionConfig(hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,
+                                          image_size=28, patch_size=patch))
+    m = models.build(cfg)
+    return m, models.init_params(m, seed)
+
+  teacher, tp = llava(24, 7, 0)  # 16 image tokens
+  student, sp = llava(16, 14, 1)  # 4 image tokens
+  rng = np.random.default_rng(7)
+  answer = rng.integers(0, VOCAB - 1, (2, 5))
+
+  def rows(n_img):
+    prompt = np.concatenate([np.full((2, n_img), VOCAB - 1), rng.integers(0, VOCAB - 1, (2, 3))], 1)
+    ids = np.concatenate([prompt, answer], 1).astype(np.int32)
+    labels = ids.copy()
+    labels[:, :prompt.shape[1]] = IGN
+    return jnp.asarray(ids), jnp.asarray(labels)
+
+  s_ids, s_labels = rows(4)
+  t_ids, t_labels = rows(16)
+  t_ids = t_ids.at[:, 16:19].set(s_ids[:, 4:7])  # same text prompt
+  pix = jnp.asarray(rng.standard_normal((2, 28, 28, 3)), jnp.float32)
+  batch = {"input_ids": s_ids, "labels": s_labels, "attention_mask": jnp.ones_like(s_ids),
+           "pixel_values": pix, "teacher_input_ids": t_ids, "teacher_labels": t_labels,
+           "teacher_attention_mask": jnp.ones_like(t_ids)}
+  m = steps.make_eval_step("mimic", student, teacher)(sp, batch, tp)
+  s_logits = student.apply({"params": sp}, s_ids, pix).logits[:, 7 - 1:-1]
+  t_logits = teacher.apply({"params": tp}, t_ids, pix).logits[:, 19 - 1:-1]
+  want = losses.kl_distillation(s_logits, t_logits, jnp.ones(s_logits.shape[:2], bool))
+  assert float(m["kl"]) == pytest.approx(float(want), rel=1e-5)
