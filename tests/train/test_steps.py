@@ -88,11 +88,13 @@ def test_preference_step_learns_and_precomputed_reference_matches(lms):
   cfg = steps.LossConfig(loss_type="sigmoid", beta=0.5)
   step = steps.make_train_step("preference", student, teacher, tx, cfg)
   state = steps.init_state(_copy(sp), optim.trainable_patterns("all"), tx)
-  margins = []
+  margins, seen = [], []
   for _ in range(6):
     state, m = step(state, batch, tp)
     margins.append(float(m["rewards/margin"]))
-  assert margins[-1] > margins[0] + 0.1
+    seen.append(float(m["loss"]))
+  assert margins[-1] > margins[0] + 0.1 and seen[-1] < seen[0]
+  assert step._cache_size() == 1
   ref = losses.sequence_logps(teacher.apply({"params": tp}, batch["input_ids"],
                                             attention_mask=batch["attention_mask"]).logits,
                               batch["labels"])
@@ -247,3 +249,17 @@ def test_llava_mimic_with_different_image_token_counts():
   t_logits = teacher.apply({"params": tp}, t_ids, pix).logits[:, 19 - 1:-1]
   want = losses.kl_distillation(s_logits, t_logits, jnp.ones(s_logits.shape[:2], bool))
   assert float(m["kl"]) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_bf16_compute_with_fp32_params(lms):
+  teacher, tp, student, sp = lms
+  s16 = models.build(student.cfg.replace(dtype="bfloat16"))
+  t16 = models.build(teacher.cfg.replace(dtype="bfloat16"))
+  tx, _ = optim.adamw(1e-3, total_steps=2)
+  step = steps.make_train_step("mimic", s16, t16, tx, steps.LossConfig(ce_weight=1.0))
+  state, m = step(steps.init_state(_copy(sp), [r".*"], tx), _batch(np.random.default_rng(8)), tp)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+  m32 = steps.make_eval_step("mimic", student, teacher, steps.LossConfig(ce_weight=1.0))(
+      sp, _batch(np.random.default_rng(8)), tp)
+  assert float(m["kl"]) == pytest.approx(float(m32["kl"]), rel=0.1, abs=5e-3)
+  assert float(m["ce"]) == pytest.approx(float(m32["ce"]), rel=2e-2)
