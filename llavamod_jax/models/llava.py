@@ -13,6 +13,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llavamod_jax.models.configs import LlavaConfig, to_dtype
 from llavamod_jax.models.layers import Linear, activation
@@ -67,7 +68,14 @@ class Llava(nn.Module):
                        f"got {cfg.vision_feature_select_strategy!r}")
     return self.multi_modal_projector(feats)
 
-  def embed(self, input_ids, pixel_values=None):
+  def embed(self, input_ids, pixel_values=None, image_mask=None):
+    """Token embeddings with image features in the image-token slots.
+
+    image_mask None: transformers' layout — `pixel_values` holds exactly the batch's images, taken
+    in order by the image tokens of row 0, then row 1, ... With `image_mask` [images] (the data
+    pipeline's layout): row r owns slots r*K .. r*K+K-1 (K = images / batch), real images first;
+    padding slots are never read.
+    """
     cfg = self.cfg
     is_image = input_ids == cfg.image_token_id
     if pixel_values is None:
@@ -78,23 +86,42 @@ class Llava(nn.Module):
       return self.language_model.embed(input_ids)
     # The image token id may lie outside the embedding table; its rows are replaced anyway.
     x = self.language_model.embed(jnp.where(is_image, 0, input_ids))
-    feats = self.image_features(pixel_values)
+    feats = self.image_features(pixel_values)  # [images, tokens, hidden]
+    n_tok = feats.shape[1]
     feats = feats.reshape(-1, feats.shape[-1]).astype(x.dtype)  # [images * tokens, hidden]
-    if _is_concrete(input_ids) and int(is_image.sum()) != feats.shape[0]:
-      raise ValueError(
-          f"image token count mismatch: input_ids hold {int(is_image.sum())} image tokens "
-          f"(id {cfg.image_token_id}) but pixel_values give {pixel_values.shape[0]} image(s) x "
-          f"{cfg.num_image_tokens} features = {feats.shape[0]}")
-    slot = jnp.cumsum(is_image.reshape(-1)) - 1  # which feature row each image token takes
-    gathered = feats[jnp.clip(slot, 0, feats.shape[0] - 1)].reshape(x.shape)
+    if image_mask is None:  # transformers' rule: the batch's image tokens, row-major, in order
+      if _is_concrete(input_ids) and int(is_image.sum()) != feats.shape[0]:
+        raise ValueError(
+            f"image token count mismatch: input_ids hold {int(is_image.sum())} image tokens "
+            f"(id {cfg.image_token_id}) but pixel_values give {pixel_values.shape[0]} image(s) x "
+            f"{n_tok} features = {feats.shape[0]}")
+      slot = (jnp.cumsum(is_image.reshape(-1)) - 1).reshape(is_image.shape)
+    else:  # each row owns an equal share of the image slots (the data pipeline's layout)
+      b = input_ids.shape[0]
+      if pixel_values.shape[0] % b:
+        raise ValueError(f"pixel_values has {pixel_values.shape[0]} images, not a multiple of the "
+                         f"batch size {b} (each row owns images_per_sample slots)")
+      per_row = pixel_values.shape[0] // b
+      if _is_concrete(input_ids) and _is_concrete(image_mask):
+        want = np.asarray(image_mask).reshape(b, per_row).sum(1) * n_tok
+        have = np.asarray(is_image).sum(1)
+        bad = np.flatnonzero(want != have)
+        if bad.size:
+          r = int(bad[0])
+          raise ValueError(f"image token count mismatch in row {r}: {int(have[r])} image tokens "
+                           f"(id {cfg.image_token_id}) for {int(want[r]) // n_tok} real image(s) "
+                           f"x {n_tok} features")
+      slot = jnp.arange(b)[:, None] * (per_row * n_tok) + jnp.cumsum(is_image, axis=1) - 1
+    gathered = feats[jnp.clip(slot, 0, feats.shape[0] - 1)]
     return jnp.where(is_image[..., None], gathered, x)
 
   def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, *,
-               cache=None, cache_index=None, compute_logits: bool = True,
+               image_mask=None, cache=None, cache_index=None, compute_logits: bool = True,
                train: bool = False) -> LlavaOutput:
     out = self.language_model(
         attention_mask=attention_mask, position_ids=position_ids,
-        inputs_embeds=self.embed(input_ids, pixel_values), cache=cache, cache_index=cache_index,
+        inputs_embeds=self.embed(input_ids, pixel_values, image_mask), cache=cache,
+        cache_index=cache_index,
         compute_logits=compute_logits, train=train)
     return LlavaOutput(logits=out.logits, hidden_states=out.hidden_states, cache=out.cache)
 

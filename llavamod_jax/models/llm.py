@@ -138,11 +138,11 @@ class DecoderLM(nn.Module):
     return self.lm_head(hidden_states)
 
   def __call__(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, *,
-               inputs_embeds=None, cache=None, cache_index=None, compute_logits: bool = True,
-               train: bool = False) -> LMOutput:
-    """Same signature as `Llava.__call__`; a text-only LM takes no `pixel_values`."""
+               image_mask=None, inputs_embeds=None, cache=None, cache_index=None,
+               compute_logits: bool = True, train: bool = False) -> LMOutput:
+    """Same signature as `Llava.__call__`; a text-only LM takes no images."""
     cfg = self.cfg
-    if pixel_values is not None:
+    if pixel_values is not None or image_mask is not None:
       raise ValueError("this is a text-only language model; pixel_values must be None")
     x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(to_dtype(cfg.dtype))
     b, s, _ = x.shape

@@ -7,7 +7,8 @@ micro-batches, the optimizer update. A step whose loss or gradient is not finite
 unchanged and reports `skipped=1`; the loop decides whether to stop.
 
 Batch (arrays, leading dim = global batch): `input_ids`, `attention_mask`, `labels` [B, S]
-(`losses.IGNORE` where not trained), optional `pixel_values` [B * images_per_sample, H, W, 3].
+(`losses.IGNORE` where not trained), optional `pixel_values` [B * images_per_sample, H, W, 3] with
+`image_mask` [B * images_per_sample] (row r owns its images_per_sample slots; see `Llava.embed`).
 The teacher reads the same arrays unless `teacher_input_ids` / `teacher_attention_mask` /
 `teacher_labels` / `teacher_pixel_values` are given (e.g. a different image-token count); response
 positions are then paired in order. Preference batches hold the chosen rows then the rejected rows
@@ -74,8 +75,8 @@ def _apply(model, params, batch, prefix: str = "", *, train: bool, rng=None, log
 
   rngs = {"router": rng} if rng is not None else {}
   out, state = model.apply({"params": params}, get("input_ids"), get("pixel_values"),
-                           get("attention_mask"), train=train, compute_logits=logits,
-                           mutable=["moe"], rngs=rngs)
+                           get("attention_mask"), image_mask=get("image_mask"), train=train,
+                           compute_logits=logits, mutable=["moe"], rngs=rngs)
   return out, state.get("moe", {})
 
 

@@ -81,3 +81,23 @@ def test_image_token_count_mismatch_is_an_error(pair):
   ids[0, 1:1 + n] = tiny_hf.IMAGE_TOKEN
   with pytest.raises(ValueError, match="no pixel_values"):
     model.apply({"params": params}, jnp.asarray(ids))
+
+
+def test_row_owned_image_slots_with_padding_images(pair):
+  """The data pipeline's layout: K slots per row, blanks unread; equals transformers' in-order fill."""
+  ref, model, params = pair
+  rng = np.random.default_rng(4)
+  n = model.cfg.num_image_tokens
+  ids = _prompt(rng, n, [2, 1], 2 * n + 10)  # row 0: two images, row 1: one image
+  real = rng.standard_normal((3, 28, 28, 3)).astype(np.float32)
+  slots = np.concatenate([real[:2], real[2:], np.zeros((1, 28, 28, 3), np.float32)])  # K = 2
+  image_mask = np.array([1, 1, 1, 0])
+  got = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(slots),
+                    image_mask=jnp.asarray(image_mask)).logits
+  want = tiny_hf.torch_logits(ref, ids, pixel_values=real)
+  assert tiny_hf.rel_err(got, want) < 1e-4
+  with pytest.raises(ValueError, match="mismatch in row 1: 1 image tokens"):
+    bad = ids.copy()
+    bad[1, np.flatnonzero(bad[1] == tiny_hf.IMAGE_TOKEN)[:n - 1]] = 5
+    model.apply({"params": params}, jnp.asarray(bad), jnp.asarray(slots),
+                image_mask=jnp.asarray(image_mask))

@@ -1,0 +1,355 @@
+"""grain pipelines: records -> (images decoded, template encoded) -> fixed-shape numpy batches.
+
+    pipe = pipeline.Pipeline(source, tokenizer, views=[pipeline.View(576, image_token_id)],
+                             batch_size=8, max_length=2048, seed=0, num_epochs=None)
+    it = iter(pipe)                  # a grain DatasetIterator
+    batch = next(it)                 # dict of numpy arrays
+    state = it.get_state()           # JSON-able; it.set_state(state) resumes on the same batches
+    it.stats()                       # records / examples / batches / truncated / skipped per reason
+
+Order of work: per-process shard of the record index (`source[shard_index::shard_count]`, a fixed
+partition) -> shuffle by `seed` (reshuffled every epoch) -> epochs -> per record, in reader threads
+and optional worker processes: parse checks, template encoding, image loading and preprocessing ->
+in the consuming process: skip accounting, batching, padding. Records are never filtered before the
+workers, so the batches do not depend on the number of workers or threads.
+
+Batch (conversation mode; `B` = batch_size, `K` = images_per_sample, `L` = max_length or a bucket):
+  input_ids      [B, L] int32   right-padded with the tokenizer's pad id
+  attention_mask [B, L] int32   1 on real tokens
+  labels         [B, L] int32   input_ids where trained, -100 elsewhere (shift happens in the loss)
+  pixel_values   [B*K, H, W, 3] float32; row r owns slots [r*K, (r+1)*K): its j-th `<image>` run
+                 takes slot r*K + j; unused slots are zeros
+  image_mask     [B*K] bool     True on the slots holding a real image
+  example_mask   [B] int32      1 on real examples (0 only on rows padding a final partial batch)
+Images stay with their rows, so a batch can be split or sharded along rows (devices, processes,
+micro-batches) with pixel_values split the same way. A text-only sample has no image tokens, and its
+zero slots are never consumed. The model must therefore fill image tokens row by row: the k-th image
+token of row r takes feature row (r*K*N + k) of the [B*K*N, hidden] image features (N = image tokens
+per image); this equals transformers' batch-wide in-order scatter whenever every row holds K images.
+Preference mode stacks chosen and rejected: rows [0, B) are prompt + chosen, rows [B, 2B) prompt +
+rejected (same prompt, same images, duplicated into both rows' slots), so input_ids etc. are [2B, L]
+and pixel_values [2*B*K, H, W, 3]; labels cover only the response.
+Views: teacher and student may expand `<image>` to different token counts and preprocess images
+differently. Each `View` adds its own keys (prefixed by `View.prefix`, e.g. "teacher_"). The view
+with the fewest image tokens gets length L; a view with n more tokens per image gets L + K*n, and
+every view holds exactly the same text tokens (truncation is decided once), so the trained tokens of
+all views are the same sequence.
+Bad records (see `sources.REASONS`) are skipped, counted per reason in `stats()`, and logged with
+their id and `file:line`; `strict=True` raises `sources.DataError` at the first one instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from llavamod_jax.data import sources as sources_lib
+from llavamod_jax.data import templates
+
+log = logging.getLogger(__name__)
+MODES = ("conversation", "preference")
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+  """How one model sees a sample: `<image>` -> `num_image_tokens` x `image_token_id`, and images
+  preprocessed by `data.image.preprocess(kind=image_kind, size=image_size, aspect=image_aspect)`."""
+
+  num_image_tokens: int
+  image_token_id: int
+  image_kind: str = "clip"
+  image_size: int = 336
+  image_aspect: str = "pad"
+  prefix: str = ""
+
+
+def _skip(reason: str, record_id: str, origin: str, detail: str) -> dict:
+  return {"skip": reason, "id": record_id, "origin": origin, "detail": detail}
+
+
+class _ImageSkip(Exception):
+
+  def __init__(self, reason: str, detail: str):
+    super().__init__(detail)
+    self.reason, self.detail = reason, detail
+
+
+class _Prepare:
+  """Record -> example (token ids, labels and pixels per view) or a skip marker. Runs in reader
+  threads / worker processes, so it must pickle and hold no mutable state."""
+
+  def __init__(self, encoder: templates.Encoder, views: Sequence[View], mode: str, max_length: int,
+               images_per_sample: int):
+    self.encoder, self.views, self.mode = encoder, tuple(views), mode
+    self.max_length, self.images_per_sample = max_length, images_per_sample
+    self.ref = min(range(len(self.views)), key=lambda v: self.views[v].num_image_tokens)
+
+  def _encode(self, record: sources_lib.Record, view: View, max_length: int):
+    kwargs = dict(image_token_id=view.image_token_id, num_image_tokens=view.num_image_tokens,
+                  max_length=max_length, num_images=len(record.images))
+    if self.mode == "preference":
+      return self.encoder.encode_preference(record.messages, record.chosen, record.rejected, **kwargs)
+    return (self.encoder.encode(record.messages, **kwargs),)
+
+  def _pixels(self, record: sources_lib.Record, num_images: int) -> list[np.ndarray]:
+    """[images, H, W, 3] per view; raises _ImageSkip."""
+    from llavamod_jax.data import image as image_lib  # noqa: PLC0415 (keeps this module light)
+
+    loaded = []
+    for src in record.images[:num_images]:
+      if isinstance(src, str) and not os.path.isfile(src):
+        raise _ImageSkip("missing_image", f"image file {src!r} does not exist")
+      try:
+        loaded.append(image_lib.load_image(src))
+      except image_lib.ImageError as e:
+        raise _ImageSkip("corrupt_image", str(e)) from e
+    out, cache = [], {}
+    for view in self.views:
+      key = (view.image_kind, view.image_size, view.image_aspect)
+      if key not in cache:
+        pixels = [image_lib.preprocess(im, kind=view.image_kind, size=view.image_size,
+                                       aspect=view.image_aspect) for im in loaded]
+        cache[key] = (np.stack(pixels) if pixels
+                      else np.zeros((0, view.image_size, view.image_size, 3), np.float32))
+      out.append(cache[key])
+    return out
+
+  def __call__(self, item: sources_lib.Record | sources_lib.Bad) -> dict:
+    if isinstance(item, sources_lib.Bad):
+      return _skip(item.reason, item.id, item.origin, item.detail)
+    record = item
+    if record.kind != ("preference" if self.mode == "preference" else "conversation"):
+      return _skip("wrong_kind", record.id, record.origin,
+                   f"a {record.kind} record in a {self.mode} pipeline")
+    if len(record.images) > self.images_per_sample:
+      return _skip("too_many_images", record.id, record.origin, f"{len(record.images)} images, the "
+                   f"pipeline takes at most images_per_sample={self.images_per_sample}")
+    try:
+      ref_view = self.views[self.ref]
+      ref = self._encode(record, ref_view, self.max_length)
+      encoded = []
+      for view in self.views:
+        extra = view.num_image_tokens - ref_view.num_image_tokens
+        # The same text as the reference view: its kept length plus this view's extra image tokens.
+        encoded.append(ref if view is ref_view else tuple(
+            self._encode(record, view, r.input_ids.size + r.num_images * extra)[k]
+            for k, r in enumerate(ref)))
+    except templates.TemplateError as e:
+      return _skip(e.reason, record.id, record.origin, str(e))
+    try:
+      pixels = self._pixels(record, ref[0].num_images)
+    except _ImageSkip as e:
+      return _skip(e.reason, record.id, record.origin, e.detail)
+    return {"id": record.id, "origin": record.origin, "truncated": any(r.truncated for r in ref),
+            "views": [{"input_ids": [e.input_ids for e in enc], "labels": [e.labels for e in enc],
+                       "pixel_values": px} for enc, px in zip(encoded, pixels)]}
+
+
+class _Collate:
+  """Examples -> one fixed-shape batch (see the module docstring)."""
+
+  def __init__(self, views: Sequence[View], mode: str, batch_size: int, max_length: int,
+               images_per_sample: int, pad_id: int, length_buckets: Sequence[int] | None):
+    self.views, self.mode, self.batch_size = tuple(views), mode, batch_size
+    self.images_per_sample, self.pad_id, self.max_length = images_per_sample, pad_id, max_length
+    self.buckets = sorted({int(b) for b in (length_buckets or ()) if b < max_length} | {max_length})
+    self.min_tokens = min(v.num_image_tokens for v in self.views)
+
+  def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
+    b, k = self.batch_size, self.images_per_sample
+    rows_per_example = 2 if self.mode == "preference" else 1
+    ref = min(range(len(self.views)), key=lambda v: self.views[v].num_image_tokens)
+    longest = max(ids.size for ex in examples for ids in ex["views"][ref]["input_ids"])
+    length = next(bucket for bucket in self.buckets if bucket >= longest)
+    batch = {"example_mask": np.zeros((b,), np.int32)}
+    batch["example_mask"][:len(examples)] = 1
+    for v, view in enumerate(self.views):
+      seq = length + k * max(0, view.num_image_tokens - self.min_tokens)
+      rows = rows_per_example * b
+      ids = np.full((rows, seq), self.pad_id, np.int32)
+      mask = np.zeros((rows, seq), np.int32)
+      labels = np.full((rows, seq), templates.IGNORE, np.int32)
+      pixels = np.zeros((rows * k, view.image_size, view.image_size, 3), np.float32)
+      image_mask = np.zeros((rows * k,), bool)
+      for part in range(rows_per_example):  # chosen rows first, then rejected rows
+        for i, ex in enumerate(examples):
+          row = part * b + i
+          x = ex["views"][v]
+          n = x["input_ids"][part].size
+          ids[row, :n], mask[row, :n], labels[row, :n] = x["input_ids"][part], 1, x["labels"][part]
+          px = x["pixel_values"]
+          pixels[row * k:row * k + len(px)] = px  # row r owns slots [r*K, (r+1)*K)
+          image_mask[row * k:row * k + len(px)] = True
+      p = view.prefix
+      batch.update({f"{p}input_ids": ids, f"{p}attention_mask": mask, f"{p}labels": labels,
+                    f"{p}pixel_values": pixels, f"{p}image_mask": image_mask})
+    return batch
+
+
+class BatchIterator(grain.DatasetIterator):
+  """Skip accounting and batching on top of the grain example iterator. Its state (a JSON-able dict)
+  holds the example iterator's state and the counters, so a restored iterator continues with the same
+  batches and the same statistics."""
+
+  def __init__(self, parent: grain.DatasetIterator, collate: _Collate, drop_remainder: bool,
+               strict: bool, log_first: int):
+    super().__init__(parent)
+    self._collate, self._drop_remainder = collate, drop_remainder
+    self._strict, self._log_first = strict, log_first
+    self._counts = _new_counts()
+    self._done = False
+
+  def _account(self, item: dict) -> bool:
+    """Counts `item`; True when it is a usable example."""
+    c = self._counts
+    c["records"] += 1
+    if "skip" in item:
+      reason = item["skip"]
+      c["skipped"][reason] = c["skipped"].get(reason, 0) + 1
+      message = f"{item['origin']}: record {item['id']!r}: {reason}: {item['detail']}"
+      if self._strict:
+        raise sources_lib.DataError(f"strict data mode: {message}")
+      level = logging.WARNING if c["skipped"][reason] <= self._log_first else logging.DEBUG
+      log.log(level, "skipped %s", message)
+      return False
+    c["examples"] += 1
+    if item["truncated"]:
+      c["truncated"] += 1
+      level = logging.WARNING if c["truncated"] <= self._log_first else logging.DEBUG
+      log.log(level, "%s: record %r truncated to max_length=%d", item["origin"], item["id"],
+              self._collate.max_length)
+    return True
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    examples, exhausted_now = [], False
+    while not self._done and len(examples) < self._collate.batch_size:
+      try:
+        item = next(self._parent)
+      except StopIteration:
+        self._done = exhausted_now = True
+        break
+      if self._account(item):
+        examples.append(item)
+    batch = None
+    if examples and (len(examples) == self._collate.batch_size or not self._drop_remainder):
+      self._counts["batches"] += 1
+      batch = self._collate(examples)
+    else:
+      self._counts["dropped_remainder"] += len(examples)
+    if exhausted_now:
+      log.info("data pipeline exhausted: %s", summary(self._counts))
+    if batch is None:
+      raise StopIteration
+    return batch
+
+  def stats(self) -> dict[str, Any]:
+    """This process's counters: records seen, examples batched, batches, truncated examples,
+    skipped records per reason, examples of a dropped final partial batch."""
+    return {**self._counts, "skipped": dict(self._counts["skipped"])}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"examples": self._parent.get_state(), "counts": self.stats(), "done": self._done}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["examples"])
+    self._counts = {**_new_counts(), **state["counts"], "skipped": dict(state["counts"]["skipped"])}
+    self._done = bool(state["done"])
+
+
+def _new_counts() -> dict[str, Any]:
+  return {"records": 0, "examples": 0, "batches": 0, "truncated": 0, "dropped_remainder": 0,
+          "skipped": {}}
+
+
+class Pipeline:
+  """A deterministic, sharded, checkpointable batch pipeline over a random-access record source.
+
+  source: `sources.JsonSource`, `Mixture`, `TfdsSource` or any sequence of `Record | Bad`.
+  mode: "conversation" (instruction / caption data; every assistant turn trained) or "preference".
+  num_epochs: None repeats forever (what multi-process training wants: every process then yields a
+    batch at every step); a number stops after that many passes.
+  shard_index / shard_count: default `jax.process_index()` / `jax.process_count()`.
+  worker_count: 0 runs in this process (with `read_threads` reader threads); > 0 uses grain worker
+    processes (spawned: the source, tokenizer and template are pickled to each worker).
+  length_buckets: pad each batch to the smallest bucket that fits its longest sequence (max_length is
+    always a bucket); None pads to max_length. Each bucket is one more shape to compile.
+  drop_remainder: drop a final partial batch (counted); False pads it with empty rows
+    (example_mask 0).
+  After construction, `records_per_epoch` is the size of this process's shard and `examples` the
+  grain IterDataset of per-record results (examples and skip markers) that the batches are made of.
+  """
+
+  def __init__(self, source: Any, tokenizer: Any, *, views: Sequence[View], batch_size: int,
+               max_length: int, template: str | templates.Template = "qwen",
+               mode: str = "conversation", images_per_sample: int = 1,
+               length_buckets: Sequence[int] | None = None, shuffle: bool = True, seed: int = 0,
+               num_epochs: int | None = 1, shard_index: int | None = None,
+               shard_count: int | None = None, worker_count: int = 0, worker_buffer_size: int = 2,
+               read_threads: int = 2, read_buffer_size: int = 16, drop_remainder: bool = True,
+               strict: bool = False, log_first: int = 10):
+    if mode not in MODES:
+      raise ValueError(f"mode {mode!r}: expected one of {MODES}")
+    if not views:
+      raise ValueError("at least one View is needed")
+    prefixes = [v.prefix for v in views]
+    if len(set(prefixes)) != len(prefixes):
+      raise ValueError(f"views need distinct prefixes, got {prefixes}")
+    if batch_size < 1 or max_length < 1 or images_per_sample < 0:
+      raise ValueError(f"batch_size={batch_size}, max_length={max_length}, images_per_sample="
+                       f"{images_per_sample}: expected positive sizes")
+    if shard_index is None or shard_count is None:
+      import jax  # noqa: PLC0415 (only for the process defaults)
+      shard_index = jax.process_index() if shard_index is None else shard_index
+      shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+      raise ValueError(f"shard_index={shard_index} must lie in [0, shard_count={shard_count})")
+    self.source, self.mode = source, mode
+    self.shard_index, self.shard_count = shard_index, shard_count
+    self.worker_count, self.worker_buffer_size = worker_count, worker_buffer_size
+    self.drop_remainder, self.strict, self.log_first = drop_remainder, strict, log_first
+    encoder = templates.Encoder(tokenizer, template)
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    self._collate = _Collate(views, mode, batch_size, max_length, images_per_sample, pad_id,
+                             length_buckets)
+
+    ds = grain.MapDataset.source(source)[shard_index::shard_count]
+    self.records_per_epoch = len(ds)
+    if shuffle:
+      ds = ds.shuffle(seed=seed)
+    if num_epochs != 1:
+      ds = ds.repeat(num_epochs)
+    ds = ds.map(_Prepare(encoder, views, mode, max_length, images_per_sample))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                              prefetch_buffer_size=read_buffer_size))
+    if worker_count > 0:
+      _use_default_flags()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                      per_worker_buffer_size=worker_buffer_size))
+    self.examples = ds
+
+  def __iter__(self) -> BatchIterator:
+    return BatchIterator(iter(self.examples), self._collate, self.drop_remainder, self.strict,
+                         self.log_first)
+
+
+def _use_default_flags():
+  """grain's worker processes read absl flags (grain 0.2.18: its profiler flag) and fail when they are
+  unparsed, as outside an `absl.app` (notebooks, pytest): use the defaults then."""
+  from absl import flags  # noqa: PLC0415
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def summary(counts: dict[str, Any]) -> str:
+  """One line for logs: "records=…, examples=…, skipped(reason)=…"."""
+  skipped = ", ".join(f"skipped({r})={n}" for r, n in sorted(counts["skipped"].items()))
+  base = ", ".join(f"{k}={counts[k]}" for k in ("records", "examples", "batches", "truncated",
+                                                "dropped_remainder"))
+  return base + (", " + skipped if skipped else "")
+
