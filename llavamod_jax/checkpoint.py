@@ -27,10 +27,17 @@ from llavamod_jax.models import configs
 
 PARAMS = "params"
 MODEL_CONFIG = "model_config"
+# Items a training run adds (llavamod_jax.train.loop); known here so that any reader of a training
+# checkpoint can open it without orbax complaining about unknown items.
+OPT_STATE, TRAIN_STATE, DATA = "opt_state", "train_state", "data"
 
 
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
-  return {PARAMS: ocp.StandardCheckpointHandler(), MODEL_CONFIG: ocp.JsonCheckpointHandler()}
+  import grain
+
+  return {PARAMS: ocp.StandardCheckpointHandler(), MODEL_CONFIG: ocp.JsonCheckpointHandler(),
+          OPT_STATE: ocp.StandardCheckpointHandler(), TRAIN_STATE: ocp.JsonCheckpointHandler(),
+          DATA: grain.checkpoint.CheckpointHandler()}
 
 
 def _path(ckpt_dir: str | os.PathLike) -> epath.Path:

@@ -1,0 +1,78 @@
+"""The end of a run: student (and teacher) quality on held-out data, printed and saved.
+
+The demo's numbers: exact-match accuracy per synthetic task (color, count, position, caption), POPE
+accuracy/F1/yes-ratio, activated parameters per token, and the mean KL to the teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import jax
+
+from llavamod_jax import evaluation, workdir as workdir_lib
+from llavamod_jax.models.configs import LlavaConfig
+from llavamod_jax.train import build
+
+log = logging.getLogger(__name__)
+
+
+def activated_parameters(model, params) -> int:
+  """Parameters a token passes through: all, minus the (E - k)/E unused share of every MoE layer."""
+  total = sum(x.size for x in jax.tree.leaves(params))
+  text = model.cfg.text if isinstance(model.cfg, LlavaConfig) else model.cfg
+  if not text.num_experts:
+    return total
+  lm = params["language_model"] if isinstance(model.cfg, LlavaConfig) else params
+  idle = 0
+  for i in text.moe_layers:
+    experts = sum(x.size for x in jax.tree.leaves(lm[f"layers_{i}"]["mlp"]["experts"]))
+    idle += experts * (text.num_experts - text.num_experts_per_tok) // text.num_experts
+  return total - idle
+
+
+def _quality(model, params, tokenizer, info, records, batch_size: int) -> dict:
+  metrics, _ = evaluation.evaluate(model, params, tokenizer, info, records, batch_size=batch_size,
+                                   max_new_tokens=24)
+  metrics["params"] = {"activated": activated_parameters(model, params),
+                       "total": sum(x.size for x in jax.tree.leaves(params))}
+  return metrics
+
+
+def final_report(cfg, workdir, *, limit: int = 200, batch_size: int = 16) -> dict:
+  """Evaluate the run's student (and its teacher) on the held-out split; writes report.json."""
+  if jax.process_index() != 0:
+    return {}
+  workdir = Path(workdir)
+  student, sparams, tokenizer, info = workdir_lib.load_model(workdir)
+  files, root = build.eval_files(cfg)
+  if cfg.stage == "preference":  # preference eval pairs are scored by the VQA / POPE questions
+    files = [str(Path(files[0]).with_name("eval.jsonl"))]
+  records = evaluation.read_records(files, image_root=root, limit=limit)
+  report = {"student": _quality(student, sparams, tokenizer, info, records, batch_size)}
+  if info.teacher:
+    teacher, tparams, ttok, tinfo = workdir_lib.load_model(info.teacher)
+    report["teacher"] = _quality(teacher, tparams, ttok, tinfo, records, batch_size)
+    batches = evaluation.kl_batches(tokenizer, info, tinfo, records, batch_size=batch_size)
+    report["student"]["kl_to_teacher"] = {
+        "kl": evaluation.kl_to_teacher(student, sparams, teacher, tparams, batches)["kl"]}
+  (workdir / "report.json").write_text(json.dumps(report, indent=2))
+  print(table(report))
+  return report
+
+
+def table(report: dict) -> str:
+  """Markdown: one row per model, columns per task."""
+  tasks = [t for t in ("color", "count", "position", "caption") if t in report["student"]]
+  head = ["model", *tasks, "POPE acc", "POPE F1", "yes ratio", "activated params", "KL to teacher"]
+  rows = []
+  for name, m in report.items():
+    pope = m.get("pope", {})
+    rows.append([name, *(f"{m[t]['exact_match']:.3f}" for t in tasks),
+                 f"{pope.get('accuracy', float('nan')):.3f}", f"{pope.get('f1', float('nan')):.3f}",
+                 f"{pope.get('yes_ratio', float('nan')):.3f}", f"{m['params']['activated']:,}",
+                 f"{m['kl_to_teacher']['kl']:.4f}" if "kl_to_teacher" in m else "-"])
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])

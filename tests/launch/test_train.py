@@ -1,0 +1,101 @@
+"""launch/train.py: every stage at tiny size, exact resume after SIGKILL, config errors, NaN guard."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = [  # a few steps of tiny models on a small synthetic set
+    "--config.total_steps=8", "--config.log_every=1", "--config.checkpoint_every=3",
+    "--config.demo_teacher_steps=4", "--config.data.shapes.num_train=48",
+    "--config.data.shapes.num_eval=8", "--config.data.batch_size=4", "--config.final_report=False",
+    "--config.data.max_length=96", "--config.data.shapes.image_size=32",
+]
+
+
+def _train(args, cwd, timeout=240, check=True):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TRANSFORMERS_VERBOSITY": "error"}
+  p = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *args], cwd=cwd, env=env,
+                     capture_output=True, text=True, timeout=timeout)
+  if check and p.returncode:
+    raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+  return p
+
+
+def _metrics(workdir):
+  return [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+  """The demo chain in one cache: mimic (training the tiny teacher first), then preference."""
+  root = tmp_path_factory.mktemp("demo")
+  cache = f"--config.demo_cache={root / 'cache'}"
+  _train([f"--config={REPO / 'configs/mimic.py'}", f"--workdir={root / 'mimic'}", cache, *TINY], root)
+  return root, cache
+
+
+@pytest.mark.slow
+def test_mimic_stage_runs_and_writes_its_workdir(demo):
+  root, _ = demo
+  work = root / "mimic"
+  rows = _metrics(work)
+  assert [r["step"] for r in rows] == list(range(1, 9))
+  for key in ("loss", "kl", "ce", "aux", "learning_rate", "grad_norm", "tokens_per_sec",
+              "moe/max_expert_load"):
+    assert all(np.isfinite(r[key]) for r in rows), key
+  assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["6", "8"]  # keep 2
+  info = json.loads((work / "run.json").read_text())
+  assert info["stage"] == "mimic" and info["num_image_tokens"] == 16
+  assert (work / "tokenizer" / "tokenizer.json").exists() and (work / "loss_curves.png").exists()
+  assert list((work / "tensorboard").iterdir())
+  assert (root / "cache" / "teacher_hf" / "config.json").exists()  # the demo teacher, cached
+
+
+@pytest.mark.slow
+def test_preference_and_adaptor_stages_run(demo):
+  root, cache = demo
+  _train([f"--config={REPO / 'configs/preference.py'}", f"--workdir={root / 'pref'}", cache,
+          f"--config.student.workdir={root / 'mimic'}", *TINY], root)
+  rows = _metrics(root / "pref")
+  assert {"preference", "rewards/margin", "rewards/accuracy"} <= set(rows[-1])
+  _train([f"--config={REPO / 'configs/adaptor.py'}", f"--workdir={root / 'adaptor'}", cache, *TINY],
+         root)
+  assert len(_metrics(root / "adaptor")) == 8
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_logs_the_uninterrupted_losses(demo):
+  root, cache = demo
+  common = [f"--config={REPO / 'configs/mimic.py'}", cache, *TINY]
+  work = root / "killed"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TRANSFORMERS_VERBOSITY": "error"}
+  proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), *common,
+                           f"--workdir={work}"], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 200
+  while not (work / "checkpoints" / "3").is_dir() and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert (work / "checkpoints" / "3").is_dir()
+  _train([*common, f"--workdir={work}"], root)
+  straight, resumed = _metrics(root / "mimic"), _metrics(work)  # the fixture's uninterrupted run
+  assert [r["step"] for r in resumed] == list(range(1, 9))
+  for a, b in zip(straight, resumed):
+    for key in ("loss", "kl", "ce", "aux", "grad_norm"):
+      assert a[key] == b[key], (a["step"], key, a[key], b[key])
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+  p = _train([f"--config={REPO / 'configs/mimic.py'}", "--config.optimizer.learning_rate=1",
+              f"--workdir={tmp_path}"], tmp_path, check=False)
+  assert p.returncode != 0
+  assert "learning_rate" in p.stderr + p.stdout
