@@ -5,6 +5,9 @@ from llavamod_jax.models.llava import Llava
 from llavamod_jax.models.llm import DecoderLM, init_cache
 from llavamod_jax.models.vision import VisionTower
 
+__all__ = ["DecoderLM", "Llava", "LlavaConfig", "TextConfig", "VisionConfig", "VisionTower", "build",
+           "init_cache", "abstract_params", "init_params", "dummy_inputs"]
+
 
 def build(cfg):
   """The module for a model config."""

@@ -49,7 +49,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval_batches = 4
   c.nan_policy = "stop"  # stop | skip (a non-finite step never updates the state either way)
   c.demo_cache = "workdirs/demo_cache"  # synthetic data, tokenizer and demo teacher live here
-  c.demo_teacher_steps = 600  # training steps of the demo teacher when it is not cached yet
+  c.demo_teacher_steps = 800  # training steps of the demo teacher when it is not cached yet
   c.final_report = True  # evaluate student (and teacher) on held-out data at the end
 
   c.mesh = {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1}

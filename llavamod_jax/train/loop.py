@@ -185,6 +185,8 @@ def _write_run_info(workdir: Path, cfg, model, tokenizer, teacher_dir: str | Non
   if jax.process_index() != 0:
     return
   files, root = build.eval_files(cfg)
+  files = tuple(str(Path(f).resolve()) for f in files)  # readers may run from anywhere
+  root = str(Path(root).resolve()) if root else None
   tokenizer.save_pretrained(workdir / "tokenizer")
   workdir_lib.RunInfo(
       template=cfg.data.template, stage=cfg.stage, teacher=teacher_dir,
@@ -193,7 +195,7 @@ def _write_run_info(workdir: Path, cfg, model, tokenizer, teacher_dir: str | Non
       image_token_id=model.cfg.image_token_id, num_image_tokens=model.cfg.num_image_tokens,
       eos_token_id=tokenizer.eos_token_id,
       pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-      data=workdir_lib.DataSettings(tuple(files), root),
+      data=workdir_lib.DataSettings(files, root),
   ).write(workdir)
   (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
 
@@ -201,9 +203,11 @@ def _write_run_info(workdir: Path, cfg, model, tokenizer, teacher_dir: str | Non
 def _teacher_dir(cfg) -> str | None:
   src = cfg.teacher
   if src.init == "hf":
-    return src.hf_dir
+    return str(Path(src.hf_dir).resolve())
+  if src.init == "workdir":
+    return str(Path(src.workdir).resolve())
   if src.init == "demo":
-    return str(build.ensure_demo_teacher(cfg))
+    return str(build.ensure_demo_teacher(cfg).resolve())
   return None
 
 

@@ -45,8 +45,8 @@ def teacher():
   c.stage = "teacher"
   c.teacher.init = "none"
   c.trainable = "all"
-  c.total_steps = 600
-  c.checkpoint_every = 300
+  c.total_steps = 800
+  c.checkpoint_every = 400
   c.log_every = 25
   c.optimizer.lr = 2e-3
   c.optimizer.warmup_ratio = 0.05

@@ -99,3 +99,45 @@ def test_unknown_config_key_is_rejected(tmp_path):
               f"--workdir={tmp_path}"], tmp_path, check=False)
   assert p.returncode != 0
   assert "learning_rate" in p.stderr + p.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nan_guard(tmp_path, monkeypatch, policy):
+  """A batch that makes the loss NaN: 'stop' raises and keeps the last good checkpoint; 'skip'
+  leaves the state untouched and goes on. A NaN state is never checkpointed."""
+  import jax
+  import jax.numpy as jnp
+
+  from llavamod_jax import checkpoint
+  from llavamod_jax.train import loop, recipes
+
+  cfg = recipes.teacher()
+  cfg.demo_cache = str(tmp_path / "cache")
+  cfg.total_steps, cfg.checkpoint_every, cfg.log_every = 4, 1, 1
+  cfg.data.shapes.num_train, cfg.data.shapes.num_eval, cfg.data.shapes.image_size = 16, 4, 32
+  cfg.data.batch_size, cfg.data.max_length = 2, 96
+  cfg.nan_policy = policy
+  calls = {"n": 0}
+  original = loop.batch_to_device
+
+  def poisoned(batch, mesh):
+    calls["n"] += 1
+    out = original(batch, mesh)
+    if calls["n"] == 2:
+      out["pixel_values"] = out["pixel_values"] * jnp.nan
+    return out
+
+  monkeypatch.setattr(loop, "batch_to_device", poisoned)
+  work = tmp_path / "work"
+  if policy == "stop":
+    with pytest.raises(loop.NonFiniteLoss, match="step 2"):
+      loop.run(cfg, work)
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["1"]
+  else:
+    last = loop.run(cfg, work)
+    assert last["skipped_total"] == 1
+    rows = _metrics(work)
+    assert [r["skipped"] for r in rows] == [0, 1, 0, 0]
+  _, params = checkpoint.restore_model(work / "checkpoints")
+  assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))

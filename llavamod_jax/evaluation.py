@@ -1,0 +1,371 @@
+"""Evaluation: answers generated for held-out records, scored per task; KL to a teacher.
+
+    records = evaluation.read_records(["data/eval.jsonl"])
+    metrics, predictions = evaluation.evaluate(model, params, tokenizer, info, records, batch_size=8,
+                                               max_new_tokens=32)
+    metrics["pope"]   # {"n", "accuracy", "precision", "recall", "f1", "yes_ratio"}
+    metrics["color"]  # {"n", "exact_match"}
+
+Records are LLaVA conversation records (JSONL or a JSON list); the last assistant turn is the reference
+answer and everything before it the prompt. `"task"` names the metric group (absent: "vqa"); records of
+task "pope" get the POPE metrics, every other task exact match. When POPE records come in several
+`"category"` values (random, popular, adversarial), each also gets a group "pope/<category>".
+
+Scoring (pure functions, below):
+- `normalize`: lower case, punctuation removed, whitespace collapsed ("Left." == "left").
+- exact match: normalized prediction == normalized reference.
+- POPE: "yes" is the positive class. rule="first_word" (default) reads a prediction as "yes" when its
+  first normalized word is "yes" and as "no" otherwise, so unreadable output never counts as a yes.
+  rule="llava" is the original LLaVA `eval_pope.py`: keep the text before the first ".", drop commas,
+  and answer "no" when the words contain "no", "No" or "not", else "yes" (anything else is a yes).
+  precision = TP / predicted yes, recall = TP / reference yes, F1 their harmonic mean (0 when undefined),
+  yes_ratio = predicted yes / n, as the POPE script reports them.
+
+Generation is greedy by default and batched: prompts are left-padded to a multiple of
+`length_multiple` and the last batch is filled up with copies of its last row, so a whole evaluation
+compiles once per prompt-length bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import string
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llavamod_jax import generate as generate_lib
+from llavamod_jax import losses
+from llavamod_jax.data import image, pipeline, sources, templates
+
+POPE = "pope"
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Records.
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRecord:
+  id: str
+  task: str
+  messages: tuple[tuple[str, str], ...]  # the whole conversation; the last turn is the reference
+  images: tuple[str | bytes, ...] = ()
+  category: str = ""
+  origin: str = ""
+
+  @property
+  def prompt(self) -> tuple[tuple[str, str], ...]:
+    return self.messages[:-1]
+
+  @property
+  def answer(self) -> str:
+    return self.messages[-1][1]
+
+  def to_record(self) -> sources.Record:
+    """As a data-pipeline record (for teacher KL batches)."""
+    return sources.Record(self.id, "conversation", self.messages, self.images, origin=self.origin)
+
+
+def question_record(question: str, images: Sequence[str | bytes] = (), system: str | None = None,
+                    record_id: str = "chat") -> EvalRecord:
+  """A one-question record for chat: `<image>\\n` is prepended per image unless the question
+  already holds the placeholders."""
+  if images and sources.IMAGE_PLACEHOLDER not in question:
+    question = (sources.IMAGE_PLACEHOLDER + "\n") * len(images) + question
+  found = question.count(sources.IMAGE_PLACEHOLDER)
+  if found != len(images):
+    raise ValueError(f"the question holds {found} {sources.IMAGE_PLACEHOLDER} placeholder(s) for "
+                     f"{len(images)} image(s)")
+  messages = ((("system", system),) if system is not None else ()) + (
+      ("user", question), ("assistant", ""))
+  return EvalRecord(record_id, "chat", messages, tuple(images))
+
+
+def read_records(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
+                 image_root: str | os.PathLike | None = None,
+                 limit: int | None = None) -> list[EvalRecord]:
+  """Conversation records of JSONL / JSON-list files, in order (at most `limit`). Relative image
+  paths are joined to `image_root` (default: each file's directory). A record that is not a valid
+  conversation raises `sources.DataError` naming its file and line."""
+  if isinstance(paths, (str, os.PathLike)):
+    paths = [paths]
+  out: list[EvalRecord] = []
+  for path in paths:
+    path = Path(path)
+    if not path.is_file():
+      raise sources.DataError(f"evaluation file {str(path)!r} does not exist")
+    root = os.fspath(image_root) if image_root is not None else str(path.resolve().parent)
+    for origin, raw in _raw_records(path):
+      if limit is not None and len(out) >= limit:
+        return out
+      rec = sources.parse(raw, origin, root, kind="conversation")
+      if isinstance(rec, sources.Bad):
+        raise sources.DataError(f"evaluation record unusable: {rec.message()}")
+      out.append(EvalRecord(rec.id, str(raw.get("task") or "vqa"), rec.messages, rec.images,
+                            str(raw.get("category") or ""), origin))
+  return out
+
+
+def _raw_records(path: Path) -> Iterable[tuple[str, Any]]:
+  text = path.read_text()
+  if text.lstrip().startswith("["):
+    try:
+      items = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise sources.DataError(f"{path}: not a valid JSON list: {e}") from None
+    yield from ((f"{path}[{i}]", item) for i, item in enumerate(items))
+    return
+  for number, line in enumerate(text.splitlines(), 1):
+    if line.strip():
+      try:
+        yield f"{path}:{number}", json.loads(line)
+      except json.JSONDecodeError as e:
+        raise sources.DataError(f"{path}:{number}: invalid JSON: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics (pure).
+
+
+def normalize(text: str) -> str:
+  """Lower case, ASCII punctuation removed, whitespace collapsed."""
+  return " ".join(_PUNCT.sub("", text.lower()).split())
+
+
+def yes_no(text: str, rule: str = "first_word") -> str:
+  """A POPE prediction as "yes" or "no" (the rules are in the module docstring)."""
+  if rule == "first_word":
+    words = normalize(text).split()
+    return "yes" if words and words[0] == "yes" else "no"
+  if rule == "llava":
+    words = text.split(".")[0].replace(",", "").split(" ")
+    return "no" if {"no", "No", "not"} & set(words) else "yes"
+  raise ValueError(f"POPE rule {rule!r}: expected 'first_word' or 'llava'")
+
+
+def _check_lengths(predictions: Sequence[str], answers: Sequence[str]) -> None:
+  if len(predictions) != len(answers):
+    raise ValueError(f"{len(predictions)} predictions for {len(answers)} answers")
+  if not answers:
+    raise ValueError("no predictions to score")
+
+
+def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
+  """Fraction of predictions equal to their reference after `normalize`."""
+  _check_lengths(predictions, answers)
+  return sum(normalize(p) == normalize(a) for p, a in zip(predictions, answers)) / len(answers)
+
+
+def pope_metrics(predictions: Sequence[str], answers: Sequence[str],
+                 rule: str = "first_word") -> dict[str, float]:
+  """POPE accuracy / precision / recall / F1 / yes_ratio with "yes" as the positive class.
+
+  References must read "yes" or "no" after `normalize`; predictions are read by `yes_no(rule)`."""
+  _check_lengths(predictions, answers)
+  truth = [normalize(a) for a in answers]
+  bad = [i for i, a in enumerate(truth) if a not in ("yes", "no")]
+  if bad:
+    raise ValueError(f"POPE reference answers must be yes/no; answer {bad[0]} is {answers[bad[0]]!r}")
+  pred = [yes_no(p, rule) == "yes" for p in predictions]
+  gold = [a == "yes" for a in truth]
+  tp = sum(p and g for p, g in zip(pred, gold))
+  fp = sum(p and not g for p, g in zip(pred, gold))
+  fn = sum(g and not p for p, g in zip(pred, gold))
+  tn = len(gold) - tp - fp - fn
+  precision = tp / (tp + fp) if tp + fp else 0.0
+  recall = tp / (tp + fn) if tp + fn else 0.0
+  f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+  return {"n": len(gold), "accuracy": (tp + tn) / len(gold), "precision": precision,
+          "recall": recall, "f1": f1, "yes_ratio": sum(pred) / len(gold)}
+
+
+def score(records: Sequence[EvalRecord], predictions: Sequence[str],
+          pope_rule: str = "first_word") -> dict[str, dict[str, float]]:
+  """Metrics per task (and per POPE category), plus "all": exact match over every record."""
+  _check_lengths(predictions, records)
+  groups: dict[str, list[int]] = {}
+  categories = {r.category for r in records if r.task == POPE}
+  for i, r in enumerate(records):
+    groups.setdefault(r.task, []).append(i)
+    if r.task == POPE and len(categories) > 1:
+      groups.setdefault(f"{POPE}/{r.category or 'none'}", []).append(i)
+  out = {}
+  for name, idx in sorted(groups.items()):
+    preds, answers = [predictions[i] for i in idx], [records[i].answer for i in idx]
+    if name == POPE or name.startswith(POPE + "/"):
+      out[name] = pope_metrics(preds, answers, pope_rule)
+    else:
+      out[name] = {"n": len(idx), "exact_match": exact_match(preds, answers)}
+  out["all"] = {"n": len(records), "exact_match": exact_match(predictions,
+                                                              [r.answer for r in records])}
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts and generation.
+
+
+def left_pad(sequences: Sequence[np.ndarray], pad_id: int, *, rows: int | None = None,
+             length_multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded ids and attention mask [rows, length] (int32). Rows beyond the sequences repeat the
+  last one; length is the longest sequence rounded up to `length_multiple`."""
+  if not sequences:
+    raise ValueError("no sequences to pad")
+  rows = rows or len(sequences)
+  if rows < len(sequences):
+    raise ValueError(f"{len(sequences)} sequences do not fit in {rows} rows")
+  longest = max(len(s) for s in sequences)
+  length = -(-longest // length_multiple) * length_multiple
+  ids = np.full((rows, length), pad_id, np.int32)
+  mask = np.zeros((rows, length), np.int32)
+  for r in range(rows):
+    seq = np.asarray(sequences[min(r, len(sequences) - 1)], np.int32)
+    ids[r, length - len(seq):] = seq
+    mask[r, length - len(seq):] = 1
+  return ids, mask
+
+
+def stop_ids(tokenizer, info) -> list[int]:
+  """EOS of the run plus the template's end-of-answer token, when the tokenizer has it."""
+  ids = [info.eos_token_id]
+  end = templates.get(info.template).assistant_end
+  end_id = tokenizer.convert_tokens_to_ids(end)
+  if isinstance(end_id, int) and tokenizer.convert_ids_to_tokens(end_id) == end:
+    ids.append(end_id)
+  return sorted(set(ids))
+
+
+def _pixels(record: EvalRecord, info) -> list[np.ndarray]:
+  return [image.preprocess(image.load_image(src, name=f"{record.origin or record.id} image"),
+                           kind=info.image.kind, size=info.image.size, aspect=info.image.aspect)
+          for src in record.images]
+
+
+def generate_answers(model, params, tokenizer, info, records: Sequence[EvalRecord], *,
+                     batch_size: int = 8, max_new_tokens: int = 32, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int = 0, length_multiple: int = 16,
+                     progress=None) -> list[str]:
+  """The model's answer to each record's prompt (decoded, special tokens dropped, stripped).
+  `progress(done, total)` is called after each batch."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  encoder = templates.Encoder(tokenizer, info.template)
+  eos = stop_ids(tokenizer, info)
+  answers: list[str] = []
+  for start in range(0, len(records), batch_size):
+    batch = list(records[start:start + batch_size])
+    prompts = [encoder.encode_prompt(r.prompt, image_token_id=info.image_token_id,
+                                     num_image_tokens=info.num_image_tokens) for r in batch]
+    ids, mask = left_pad(prompts, info.pad_token_id, rows=batch_size,
+                         length_multiple=length_multiple)
+    per_row = [_pixels(r, info) for r in batch]
+    per_row += [per_row[-1]] * (batch_size - len(batch))  # filler rows repeat the last record
+    pixels = [px for row in per_row for px in row]  # the batch's images in row order
+    out = generate_lib.generate(
+        model, params, ids, mask, np.stack(pixels) if pixels else None,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_token_id=eos,
+        pad_token_id=info.pad_token_id, rng=jax.random.PRNGKey(seed + start))
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    answers += [tokenizer.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True).strip()
+                for i in range(len(batch))]
+    if progress is not None:
+      progress(len(answers), len(records))
+  return answers
+
+
+def evaluate(model, params, tokenizer, info, records: Sequence[EvalRecord], *, batch_size: int = 8,
+             max_new_tokens: int = 32, pope_rule: str = "first_word", progress=None):
+  """Greedy answers to `records`, scored -> (metrics per task, predictions as JSON-able dicts)."""
+  answers = generate_answers(model, params, tokenizer, info, records, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, progress=progress)
+  predictions = [{"id": r.id, "task": r.task, "prediction": a, "answer": r.answer}
+                 for r, a in zip(records, answers)]
+  return score(records, answers, pope_rule), predictions
+
+
+# ---------------------------------------------------------------------------------------------------
+# KL to the teacher.
+
+
+def kl_batches(tokenizer, info, teacher_info, records: Sequence[EvalRecord], *, batch_size: int = 8,
+               max_length: int = 2048):
+  """Batches of whole conversations as the mimic stage sees them: the student's arrays and the
+  teacher's under the prefix "teacher_" (each with its own image tokens and preprocessing)."""
+  def view(i, prefix=""):
+    return pipeline.View(i.num_image_tokens, i.image_token_id, i.image.kind, i.image.size,
+                         i.image.aspect, prefix)
+
+  buckets = [2 ** k for k in range(6, 20) if 2 ** k < max_length]
+  pipe = pipeline.Pipeline([r.to_record() for r in records], tokenizer,
+                           views=[view(info), view(teacher_info, "teacher_")],
+                           batch_size=batch_size, max_length=max_length, template=info.template,
+                           length_buckets=buckets, shuffle=False, num_epochs=1, shard_index=0,
+                           shard_count=1, drop_remainder=False, strict=True)
+  return iter(pipe)
+
+
+def kl_to_teacher(student, student_params, teacher, teacher_params,
+                  batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+  """Mean KL(teacher || student) over every response token of `batches` (temperature 1), the mimic
+  loss without its per-batch averaging -> {"kl", "tokens"}. Batches as `kl_batches` makes them; without
+  "teacher_" arrays the teacher reads the student's."""
+  total, tokens = 0.0, 0
+  for batch in batches:
+    kl_sum, n = _kl_sum(student, student_params, teacher, teacher_params, dict(batch))
+    total += float(kl_sum)
+    tokens += int(n)
+  if not tokens:
+    raise ValueError("no response tokens in the KL batches")
+  return {"kl": total / tokens, "tokens": tokens}
+
+
+def _forward(model, params, batch, prefix=""):
+  def get(name):
+    return batch.get(prefix + name, batch.get(name))
+
+  return model.apply({"params": params}, get("input_ids"), get("pixel_values"),
+                     get("attention_mask"), image_mask=get("image_mask")).logits
+
+
+def _response_first(x, mask):
+  """Each row's masked positions moved to the front, in order -> (moved x, moved mask)."""
+  order = jnp.argsort(~mask, axis=1, stable=True)
+  moved = jnp.take_along_axis(x, order[..., None], axis=1)
+  return moved, jnp.take_along_axis(mask, order, axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _kl_sum(student, student_params, teacher, teacher_params, batch):
+  s_logits = _forward(student, student_params, batch)
+  t_logits = _forward(teacher, teacher_params, batch, "teacher_")
+  mask = losses.distill_mask(batch["labels"])
+  if "teacher_labels" in batch:  # image tokens may differ in number: pair response positions in order
+    s_logits, mask = _response_first(s_logits, mask)
+    t_logits, _ = _response_first(t_logits, losses.distill_mask(batch["teacher_labels"]))
+    n = min(s_logits.shape[1], t_logits.shape[1])
+    s_logits, t_logits, mask = s_logits[:, :n], t_logits[:, :n], mask[:, :n]
+  count = jnp.sum(mask)
+  return losses.kl_distillation(s_logits, t_logits, mask) * count, count
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reporting.
+
+
+def table(metrics: dict[str, dict[str, float]]) -> str:
+  """Metrics as aligned text rows: task, n, then name=value for the rest."""
+  rows = [("task", "n", "metrics")]
+  for task, values in metrics.items():
+    rest = "  ".join(f"{k}={v:.4f}" for k, v in values.items() if k not in ("n", "tokens"))
+    rows.append((task, str(values.get("n", values.get("tokens", ""))), rest))
+  w0, w1 = (max(len(r[i]) for r in rows) for i in range(2))
+  return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows)
