@@ -22,10 +22,9 @@ import copy
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
-from llavamod_jax import evaluation, hf, models, workdir
+from llavamod_jax import evaluation, fileutil, hf, models, workdir
 from llavamod_jax.data import image as image_lib
 from llavamod_jax.data import templates
 from llavamod_jax.models import configs
@@ -115,9 +114,7 @@ def export_hf(model, params, tokenizer, info: workdir.RunInfo, out_dir: str | os
   extra.pop("_name_or_path", None)  # hf.save would carry the source's tokenizer/processor files
   model = models.build(model.cfg.replace(hf_extra=json.dumps(extra)))
 
-  tmp = out.parent / f".{out.name}.export-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
+  with fileutil.atomic_directory(out, "export") as tmp:
     hf.save(model, params, tmp, dtype=dtype)
     chat = chat_template(info.template)
     tokenizer = copy.deepcopy(tokenizer)
@@ -131,12 +128,6 @@ def export_hf(model, params, tokenizer, info: workdir.RunInfo, out_dir: str | os
         eos_token_id=evaluation.stop_ids(tokenizer, info), pad_token_id=info.pad_token_id,
         do_sample=False).save_pretrained(tmp)
     (tmp / workdir.SIDECAR).write_text(json.dumps(workdir.sidecar(info), indent=2) + "\n")
-    if out.exists():
-      shutil.rmtree(out)
-    os.replace(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from llavamod_jax import models, sharding
+from llavamod_jax import fileutil, models, sharding
 from llavamod_jax.hf import families
 from llavamod_jax.hf.safetensors_io import INDEX_NAME, SINGLE_NAME, Checkpoint, plan_shards, write_file
 from llavamod_jax.models.configs import to_dtype
@@ -264,11 +264,7 @@ def save(model, params, out_dir: str | os.PathLike, *, dtype: str | None = None,
   dtype_name = dtype or str(jnp.dtype(next(iter(flat.values())).dtype))
 
   hf_config = families.config_to_hf(cfg, dtype_name)
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir()
-  try:
+  with fileutil.atomic_directory(out_dir) as tmp:
     _write_config(hf_config, tmp)
     extra = {k: v.astype(store_dtype or np.float32) for k, v in families.extra_tensors(cfg).items()}
     sizes = [(p, int(np.prod(v.shape)) * (store_dtype or np.dtype(v.dtype)).itemsize)
@@ -292,12 +288,6 @@ def save(model, params, out_dir: str | os.PathLike, *, dtype: str | None = None,
       (tmp / INDEX_NAME).write_text(json.dumps(
           {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
     _carry_files(families.source_dir(cfg), tmp)
-    if out_dir.exists():
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out_dir
 
 
