@@ -141,3 +141,23 @@ def test_nan_guard(tmp_path, monkeypatch, policy):
     assert [r["skipped"] for r in rows] == [0, 1, 0, 0]
   _, params = checkpoint.restore_model(work / "checkpoints")
   assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
+
+
+@pytest.mark.slow
+def test_eight_simulated_devices_log_the_one_device_losses(demo):
+  """--config.mesh.data=2 --config.mesh.expert=4 on 8 CPU devices: the same run, the same losses."""
+  root, cache = demo
+  env_flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  old = {k: os.environ.get(k) for k in env_flags}
+  os.environ.update(env_flags)
+  try:
+    _train([f"--config={REPO / 'configs/mimic.py'}", f"--workdir={root / 'mesh'}", cache, *TINY,
+            "--config.mesh.data=2", "--config.mesh.expert=4"], root)
+  finally:
+    for k, v in old.items():
+      os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+  one, eight = _metrics(root / "mimic"), _metrics(root / "mesh")
+  assert len(one) == len(eight) == 8
+  for a, b in zip(one, eight):
+    for key in ("loss", "kl", "ce", "aux"):
+      assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
