@@ -9,9 +9,10 @@ import random
 import grain
 import numpy as np
 import pytest
+import text_tokenizers
+from jsonl_files import write_jsonl
 from PIL import Image
 
-import text_tokenizers
 from llavamod_jax.data import image as image_lib
 from llavamod_jax.data import pipeline, sources, templates
 from llavamod_jax.data.pipeline import Pipeline, View
@@ -52,18 +53,9 @@ def _records(root, n, start=0):
   return recs
 
 
-def _write(path, records, extra_lines=()):
-  with open(path, "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-    for line in extra_lines:
-      f.write(line + "\n")
-  return str(path)
-
-
 @pytest.fixture
 def corpus(tmp_path):
-  return _write(tmp_path / "data.jsonl", _records(tmp_path, 22))
+  return write_jsonl(tmp_path / "data.jsonl", _records(tmp_path, 22))
 
 
 def _pipe(source, tok, image_id, **kw):
@@ -118,7 +110,7 @@ def test_rows_own_their_image_slots(tmp_path, tok, image_id):
     paths = [_png(tmp_path / "img" / f"{i}_{j}.png", 3 * i + j) for j in range(count)]
     recs.append({"id": f"m{i}", "image": paths, "conversations": [
         {"from": "human", "value": "<image>" * count + "Same?"}, {"from": "gpt", "value": "Yes."}]})
-  src = JsonSource(_write(tmp_path / "multi.jsonl", recs))
+  src = JsonSource(write_jsonl(tmp_path / "multi.jsonl", recs))
   batch = next(iter(_pipe(src, tok, image_id, images_per_sample=2, shuffle=False)))
   assert batch["pixel_values"].shape == (8, 8, 8, 3)
   assert batch["image_mask"].tolist() == [True, True, False, False, True, False, True, True]
@@ -138,7 +130,7 @@ def test_preference_batches_stack_chosen_then_rejected(tmp_path, tok, image_id):
     if i != 2:
       r["image"] = _png(tmp_path / f"{i}.png", i)
     recs.append(r)
-  src = JsonSource(_write(tmp_path / "pref.jsonl", recs))
+  src = JsonSource(write_jsonl(tmp_path / "pref.jsonl", recs))
   pipe = _pipe(src, tok, image_id, mode="preference", shuffle=False, batch_size=3, max_length=64)
   batch = next(iter(pipe))
   assert batch["input_ids"].shape == (6, 64) and batch["pixel_values"].shape == (6, 8, 8, 3)
@@ -305,7 +297,7 @@ def _bad_corpus(root):
       ("truncated_no_target", {"id": "x10", "conversations": conv("word " * 80, "a")}),
   ]
   records = good[:3] + [r for _, r in bad] + good[3:]
-  path = _write(root / "bad.jsonl", records, extra_lines=['{"id": "x11", "conv'])
+  path = write_jsonl(root / "bad.jsonl", records, extra_lines=['{"id": "x11", "conv'])
   expected = {}
   for reason, _ in bad + [("malformed_json", None)]:
     expected[reason] = expected.get(reason, 0) + 1

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from jsonl_files import write_jsonl
 
 from llavamod_jax.data import sources
 from llavamod_jax.data.sources import Bad, DataError, JsonSource, Mixture, Record
@@ -18,19 +19,10 @@ def _conv(i, image="img/a.png", question="<image>\nWhat is it?", answer="A circl
   return r
 
 
-def _write_jsonl(path, records, extra_lines=()):
-  with open(path, "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-    for line in extra_lines:
-      f.write(line + "\n")
-  return str(path)
-
-
 def test_jsonl_and_json_list_give_the_same_records(tmp_path):
   recs = [_conv(0), _conv(1, image=None, question="Hi?"),
           _conv(2, image=["/abs/x.png"], question="<image> x")]
-  jl = JsonSource(_write_jsonl(tmp_path / "a.jsonl", recs))
+  jl = JsonSource(write_jsonl(tmp_path / "a.jsonl", recs))
   (tmp_path / "b.json").write_text(json.dumps(recs, indent=2))
   js = JsonSource(tmp_path / "b.json")
   assert len(jl) == len(js) == 3
@@ -64,7 +56,7 @@ def test_preference_formats(tmp_path):
   mod = {"id": "p1", "image": "b.png",
          "chosen": conv + [{"from": "gpt", "value": "A red star."}],
          "rejected": conv + [{"from": "gpt", "value": "A blue star."}]}
-  src = JsonSource(_write_jsonl(tmp_path / "p.jsonl", [rlaif, mod]), image_root="/r")
+  src = JsonSource(write_jsonl(tmp_path / "p.jsonl", [rlaif, mod]), image_root="/r")
   a, b = src[0], src[1]
   assert a.kind == b.kind == "preference"
   assert a.messages == (("user", "<image>\nWhat is shown?"),)  # placeholder added for RLAIF-V
@@ -105,7 +97,7 @@ BAD_RECORDS = [
 
 
 def test_bad_records_are_returned_not_raised(tmp_path):
-  path = _write_jsonl(tmp_path / "bad.jsonl", [r for _, r in BAD_RECORDS],
+  path = write_jsonl(tmp_path / "bad.jsonl", [r for _, r in BAD_RECORDS],
                       extra_lines=['{"id": "b14", "conversations": [', "[1, 2]"])
   src = JsonSource(path)
   got = [src[i] for i in range(len(src))]
@@ -124,13 +116,13 @@ def test_file_level_errors_raise(tmp_path):
   with pytest.raises(DataError, match="broken.json"):
     JsonSource(tmp_path / "broken.json")
   with pytest.raises(IndexError):
-    JsonSource(_write_jsonl(tmp_path / "one.jsonl", [_conv(0)]))[1]
+    JsonSource(write_jsonl(tmp_path / "one.jsonl", [_conv(0)]))[1]
 
 
 def test_mixture_weights_are_per_record_rates(tmp_path):
-  a = JsonSource(_write_jsonl(tmp_path / "a.jsonl",
+  a = JsonSource(write_jsonl(tmp_path / "a.jsonl",
                               [_conv(i, image=None, question="q") for i in range(10)]))
-  b = JsonSource(_write_jsonl(tmp_path / "b.jsonl", [_conv(100 + i, image=None, question="q")
+  b = JsonSource(write_jsonl(tmp_path / "b.jsonl", [_conv(100 + i, image=None, question="q")
                                                       for i in range(6)]))
   mix = Mixture([a, b], weights=[0.5, 2.0], seed=3)
   assert len(mix) == 5 + 12 and mix.counts() == [5, 12]
