@@ -82,3 +82,41 @@ def test_meshes_match_one_device_and_shard_parameters():
   assert out["data8"]["expert_shard"] == [4, 32, 64]  # replicated
   assert out["data2_expert4"]["expert_shard"] == [1, 32, 64]  # one expert per device
   assert out["fsdp2_expert2_tensor2"]["expert_shard"] == [2, 16, 32]
+
+
+RESTORE = textwrap.dedent(r'''
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh
+    from llavamod_jax import checkpoint, models, moe
+    from llavamod_jax.models.configs import TextConfig
+    from llavamod_jax.train.loop import place
+
+    dense = models.build(TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                                    num_heads=4, num_kv_heads=2))
+    model, params = moe.upcycle(dense, models.init_params(dense, 0), num_experts=4, top_k=2)
+    axes = ("data", "fsdp", "expert", "tensor")
+    eight = Mesh(np.asarray(jax.devices()).reshape(1, 2, 4, 1), axes)
+    one = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1), axes)
+    root = sys.argv[1]
+    checkpoint.save_model(root + "/from8", model, place(model, params, eight))   # 8 -> 1
+    _, back1 = checkpoint.restore_model(root + "/from8", mesh=one)
+    checkpoint.save_model(root + "/from1", model, place(model, params, one))     # 1 -> 8
+    _, back8 = checkpoint.restore_model(root + "/from1", mesh=eight)
+    same = lambda a, b: all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    up1 = back1["layers_0"]["mlp"]["experts"]["up_proj"]
+    up8 = back8["layers_0"]["mlp"]["experts"]["up_proj"]
+    print("RESULT", same(back1, params), same(back8, params), len(up1.sharding.device_set),
+          up8.sharding.shard_shape(up8.shape))
+''')
+
+
+def test_checkpoint_restores_across_meshes(tmp_path):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  p = subprocess.run([sys.executable, "-c", RESTORE, str(tmp_path)], env=env, capture_output=True,
+                     text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-4000:]
+  same1, same8, devices1, shard8 = p.stdout.split("RESULT", 1)[1].split(maxsplit=3)
+  assert same1 == "True" and same8 == "True"
+  assert devices1 == "1"
+  assert shard8.strip() == "(1, 16, 64)"  # expert over 4 devices, embed over fsdp 2
