@@ -1,6 +1,6 @@
 """Meshes on 8 simulated CPU devices: forward, loss and gradients equal the 1-device result, and the
-parameters are really sharded by the logical-axis rules. Runs in a subprocess because the device
-count is fixed when jax starts."""
+parameters (student and teacher) are really sharded by the logical-axis rules. Runs in a subprocess
+because the device count is fixed when jax starts."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import textwrap
 
 SCRIPT = textwrap.dedent(r'''
     import json
-    import jax, jax.numpy as jnp, numpy as np
+    import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from llavamod_jax import models, moe, sharding
     from llavamod_jax.models.configs import LlavaConfig, TextConfig, VisionConfig
@@ -55,33 +55,60 @@ SCRIPT = textwrap.dedent(r'''
 
     one = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1), ("data", "fsdp", "expert", "tensor"))
     ref = run(one)
+    # Relative per leaf; a leaf whose true gradient is zero (k_proj bias: softmax ignores it) is
+    # compared in absolute terms.
+    gerr = lambda g: max(float(np.max(np.abs(np.asarray(a) - b)) / max(np.max(np.abs(b)), 1e-8))  # noqa
+                         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref[2])))
     out = {}
-    for name, axes in {"data8": dict(data=8), "data2_expert4": dict(data=2, expert=4),
-                       "fsdp2_expert2_tensor2": dict(fsdp=2, expert=2, tensor=2)}.items():
+    for name, axes in {"data8": dict(data=8), "data2_expert4": dict(data=2, expert=4)}.items():
       v, m, g, logits, shard = run(make_mesh(cfg(**axes)))
-      # Relative per leaf; a leaf whose true gradient is zero (k_proj bias: softmax ignores it) is
-      # compared in absolute terms.
-      gerr = max(float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-8))
-                 for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref[2])))
       out[name] = {"loss": float(abs(v - ref[0]) / abs(ref[0])),
                    "logits": float(np.max(np.abs(logits - ref[3])) / np.max(np.abs(ref[3]))),
-                   "grads": gerr, "expert_shard": list(shard)}
+                   "grads": gerr(g), "expert_shard": list(shard)}
+
+    # The loop's mimic step, with an "optimizer" that keeps the gradients as its state. The step
+    # enters the mesh of its arguments, so the MoE layers dispatch expert-parallel by all-to-all.
+    mesh = make_mesh(cfg(fsdp=2, expert=2, tensor=2))
+    tx = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p),
+                                      lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+    state = steps.init_state(place(student, jax.device_get(sp), mesh), [".*"], tx)
+    step = steps.make_train_step("mimic", student, teacher, tx, steps.LossConfig(ce_weight=1.0))
+    t, b = place(teacher, tp, mesh), batch_to_device(batch, mesh)
+    all_to_all = "all_to_all" in step.lower(state, b, t).as_text()
+    up = state.params["language_model"]["layers_0"]["mlp"]["experts"]["up_proj"]
+    shard = list(up.sharding.shard_shape(up.shape))
+    new, metrics = step(state, b, t)
+    tl = t["language_model"]
+    out["fsdp2_expert2_tensor2"] = {
+        "loss": float(abs(metrics["loss"] - ref[0]) / abs(ref[0])),
+        "grads": gerr(new.opt_state),
+        "all_to_all": all_to_all, "expert_shard": shard,
+        "teacher_shards": {n: list(x.sharding.shard_shape(x.shape)) for n, x in {
+            "embed_tokens": tl["embed_tokens"]["embedding"],
+            "up_proj": tl["layers_0"]["mlp"]["up_proj"]["kernel"],
+            "o_proj": tl["layers_0"]["self_attn"]["o_proj"]["kernel"],
+            "k_proj": tl["layers_0"]["self_attn"]["k_proj"]["kernel"]}.items()}}
     print("RESULT" + json.dumps(out))
 ''')
 
 
-def test_meshes_match_one_device_and_shard_parameters():
+def test_meshes_match_one_device_and_shard_student_and_teacher():
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
   p = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                      timeout=600)
   assert p.returncode == 0, p.stderr[-4000:]
   out = json.loads(p.stdout.split("RESULT", 1)[1])
   for name, r in out.items():
-    assert r["loss"] < 1e-4 and r["logits"] < 1e-4 and r["grads"] < 1e-4, (name, r)
+    assert r["loss"] < 1e-4 and r.get("logits", 0) < 1e-4 and r["grads"] < 1e-4, (name, r)
   # up_proj [experts 4, embed 32, mlp 64] with logical axes (expert, embed, mlp).
   assert out["data8"]["expert_shard"] == [4, 32, 64]  # replicated
   assert out["data2_expert4"]["expert_shard"] == [1, 32, 64]  # one expert per device
-  assert out["fsdp2_expert2_tensor2"]["expert_shard"] == [2, 16, 32]
+  step = out["fsdp2_expert2_tensor2"]
+  assert step["expert_shard"] == [2, 16, 32] and step["all_to_all"]
+  # The teacher (hidden 48, mlp 96, vocab 64, 4 heads, 2 kv heads of 12) is sharded by the same
+  # rules: vocab/mlp/heads/kv over tensor 2, embed over fsdp 2.
+  assert step["teacher_shards"] == {"embed_tokens": [32, 24], "up_proj": [24, 48],
+                                    "o_proj": [24, 24], "k_proj": [24, 12]}
 
 
 RESTORE = textwrap.dedent(r'''

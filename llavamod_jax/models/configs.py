@@ -48,6 +48,9 @@ class TextConfig:
   moe_dispatch: str = "dropless"  # dropless | capacity (the original's token dropping)
   moe_impl: str = "auto"  # dropless kernels: auto | dense | ragged | blocked (see moe_block.py)
   moe_block_size: int = 128  # rows per block of the "blocked" kernel
+  # Expert parallelism under a context mesh with an `expert` axis > 1 (dropless ragged/blocked):
+  # auto | all_to_all: shard_map + all-to-all (models/expert_parallel.py) | gspmd: let XLA place it.
+  moe_expert_parallel: str = "auto"
   capacity_factor: float = 1.5  # capacity dispatch, training
   eval_capacity_factor: float = 2.0  # capacity dispatch, evaluation
   min_capacity: int = 0

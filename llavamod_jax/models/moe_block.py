@@ -12,19 +12,26 @@ when nothing is dropped:
   * "capacity": [experts, capacity] slot buffers as in GShard, with the original's capacity factor
     (train/eval), top-1 priority and token dropping; filled by scatter and read by gather.
 
+Under a context mesh (`jax.set_mesh`; the train/eval steps enter their arguments' mesh) whose
+`expert` axis is > 1, dropless ragged/blocked dispatch runs expert-parallel: token rows go to their
+experts' devices by all-to-all inside `shard_map` (models/expert_parallel.py; config
+`moe_expert_parallel`: auto | all_to_all | gspmd). Routing and the sown statistics are the same
+global computation either way.
+
 Aux losses and per-layer metrics are sown into the "moe" collection (apply with mutable=["moe"]);
 `llavamod_jax.moe.collect` gathers them.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llavamod_jax.models import routing
+from llavamod_jax.models import expert_parallel, routing
 from llavamod_jax.models.configs import TextConfig, to_dtype
 
 
@@ -67,35 +74,41 @@ class Experts(nn.Module):
     h = jax.nn.silu(jnp.einsum("th,ehi->eti", x, wg)) * jnp.einsum("th,ehi->eti", x, wu)
     return jnp.einsum("eti,eih->eth", h, wd)
 
-  def blocked(self, x, experts_sorted, group_sizes, block: int):
-    """Grouped matmul without ragged kernels: each expert's rows padded to whole blocks of `block`
-    rows, every block multiplied by its own expert's weights in one batched matmul.
 
-    x: [rows, hidden] sorted by expert (`experts_sorted` [rows]) -> [rows, hidden]. The padding costs
-    at most experts x block extra rows; gathering weights per block costs 1/block of the FLOPs.
-    """
-    rows, hidden = x.shape
-    num_experts = group_sizes.shape[0]
-    padded = (group_sizes + block - 1) // block * block
-    pad_start = jnp.cumsum(padded) - padded  # [experts]
-    start = jnp.cumsum(group_sizes) - group_sizes
-    dest = pad_start[experts_sorted] + jnp.arange(rows) - start[experts_sorted]  # [rows]
-    num_blocks = -(-(rows + num_experts * (block - 1)) // block)  # static upper bound
-    block_owner = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_blocks) * block, side="right")
-    block_owner = jnp.minimum(block_owner, num_experts - 1)
-    xb = jnp.zeros((num_blocks * block, hidden), x.dtype).at[dest].set(x).reshape(num_blocks, block, hidden)
-    wg, wu, wd = self.weights()
-    h = (jax.nn.silu(jnp.einsum("nbh,nhi->nbi", xb, wg[block_owner]))
-         * jnp.einsum("nbh,nhi->nbi", xb, wu[block_owner]))
-    out = jnp.einsum("nbi,nih->nbh", h, wd[block_owner]).reshape(num_blocks * block, hidden)
-    return out[dest]
+def blocked_swiglu(x, experts_sorted, group_sizes, wg, wu, wd, *, block: int):
+  """Grouped SwiGLU without ragged kernels: each expert's rows padded to whole blocks of `block`
+  rows, every block multiplied by its own expert's weights in one batched matmul.
 
-  def grouped(self, x, group_sizes):
-    """x: [rows, hidden] sorted by expert, group_sizes [experts] -> [rows, hidden]."""
-    wg, wu, wd = self.weights()
-    h = (jax.nn.silu(jax.lax.ragged_dot(x, wg, group_sizes))
-         * jax.lax.ragged_dot(x, wu, group_sizes))
-    return jax.lax.ragged_dot(h, wd, group_sizes)
+  x: [rows, hidden] sorted by expert (`experts_sorted` [rows]; a row of expert >= num_experts is
+  skipped and gives zero) -> [rows, hidden]. The padding costs at most experts x block extra rows;
+  gathering weights per block costs 1/block of the FLOPs.
+  """
+  rows, hidden = x.shape
+  num_experts = group_sizes.shape[0]
+  padded = (group_sizes + block - 1) // block * block
+  pad_start = jnp.cumsum(padded) - padded  # [experts]
+  start = jnp.cumsum(group_sizes) - group_sizes
+  num_blocks = -(-(rows + num_experts * (block - 1)) // block)  # static upper bound
+  owner = jnp.minimum(experts_sorted, num_experts - 1)
+  dest = jnp.where(experts_sorted < num_experts,
+                   pad_start[owner] + jnp.arange(rows) - start[owner], num_blocks * block)  # [rows]
+  block_owner = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_blocks) * block, side="right")
+  block_owner = jnp.minimum(block_owner, num_experts - 1)
+  xb = (jnp.zeros((num_blocks * block, hidden), x.dtype).at[dest].set(x, mode="drop")
+        .reshape(num_blocks, block, hidden))
+  h = (jax.nn.silu(jnp.einsum("nbh,nhi->nbi", xb, wg[block_owner]))
+       * jnp.einsum("nbh,nhi->nbi", xb, wu[block_owner]))
+  out = jnp.einsum("nbi,nih->nbh", h, wd[block_owner]).reshape(num_blocks * block, hidden)
+  return out.at[dest].get(mode="fill", fill_value=0)
+
+
+def ragged_swiglu(x, experts_sorted, group_sizes, wg, wu, wd):
+  """x: [rows, hidden] sorted by expert, group_sizes [experts] -> [rows, hidden]; rows past the
+  groups give zero. (`experts_sorted` is unused; the signature matches `blocked_swiglu`'s.)"""
+  del experts_sorted
+  h = (jax.nn.silu(jax.lax.ragged_dot(x, wg, group_sizes))
+       * jax.lax.ragged_dot(x, wu, group_sizes))
+  return jax.lax.ragged_dot(h, wd, group_sizes)
 
 
 def _impl(cfg: TextConfig) -> str:
@@ -104,6 +117,22 @@ def _impl(cfg: TextConfig) -> str:
   if cfg.moe_impl == "auto":  # measured in bench/moe_layer.py: ragged_dot is slow on CPU
     return "blocked" if jax.default_backend() == "cpu" else "ragged"
   return cfg.moe_impl
+
+
+def _expert_mesh(cfg: TextConfig, impl: str):
+  """The mesh to dispatch over by all-to-all (models/expert_parallel.py), or None: run locally and
+  let GSPMD place the work."""
+  mode = cfg.moe_expert_parallel
+  if mode not in ("auto", "all_to_all", "gspmd"):
+    raise ValueError(f"moe_expert_parallel must be 'auto', 'all_to_all' or 'gspmd', got {mode!r}")
+  mesh = None if mode == "gspmd" else expert_parallel.expert_mesh()
+  if mesh is not None and impl not in ("ragged", "blocked"):
+    if mode == "all_to_all":
+      raise ValueError(f"moe_expert_parallel='all_to_all' needs dropless dispatch with moe_impl "
+                       f"ragged, blocked or auto; got moe_dispatch={cfg.moe_dispatch!r}, "
+                       f"moe_impl={cfg.moe_impl!r}")
+    return None
+  return mesh
 
 
 class MoeBlock(nn.Module):
@@ -124,6 +153,7 @@ class MoeBlock(nn.Module):
              if cfg.router_noise == "gumbel" else None)
     experts = Experts(cfg, name="experts")
     impl = _impl(cfg)
+    mesh = _expert_mesh(cfg, impl)
 
     if impl == "capacity":
       factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
@@ -145,14 +175,18 @@ class MoeBlock(nn.Module):
         expert_out = experts.every_token(tokens.astype(dtype))  # [E, T, H]
         out = jnp.einsum("te,eth->th", combine.astype(dtype), expert_out)
       elif impl in ("ragged", "blocked"):
-        flat = r.experts.reshape(-1)  # [T * k]
-        order = jnp.argsort(flat, stable=True)
-        group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-        x_sorted = tokens.astype(dtype)[order // k]
-        rows = (experts.grouped(x_sorted, group_sizes) if impl == "ragged" else
-                experts.blocked(x_sorted, flat[order], group_sizes, cfg.moe_block_size))
-        unsorted = jnp.zeros_like(rows).at[order].set(rows).reshape(b * s, k, h)
-        out = jnp.einsum("tkh,tk->th", unsorted, r.weights.astype(dtype))
+        local = (ragged_swiglu if impl == "ragged" else
+                 functools.partial(blocked_swiglu, block=cfg.moe_block_size))
+        if mesh is not None:
+          out = expert_parallel.dispatch(tokens.astype(dtype), r.experts, r.weights,
+                                         *experts.weights(), mesh=mesh, local_experts=local)
+        else:
+          flat = r.experts.reshape(-1)  # [T * k]
+          order = jnp.argsort(flat, stable=True)
+          group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+          rows = local(tokens.astype(dtype)[order // k], flat[order], group_sizes, *experts.weights())
+          unsorted = jnp.zeros_like(rows).at[order].set(rows).reshape(b * s, k, h)
+          out = jnp.einsum("tkh,tk->th", unsorted, r.weights.astype(dtype))
       else:
         raise ValueError(f"moe_impl must be 'auto', 'dense', 'ragged' or 'blocked', "
                          f"got {cfg.moe_impl!r}")

@@ -17,6 +17,7 @@ positions are then paired in order. Preference batches hold the chosen rows then
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
 
 from llavamod_jax import losses, moe
 from llavamod_jax.train.optim import merge, partition
@@ -216,6 +218,38 @@ def _micro_batches(batch, n: int):
   return jax.tree.map(split, batch)
 
 
+class _OnArgumentMesh:
+  """A jitted step that runs (traces, lowers) with the mesh its placed arguments live on as the
+  context mesh (`jax.set_mesh`), which is how MoE blocks find the mesh for expert-parallel dispatch
+  (models/expert_parallel.py). Arguments on one device, or on no mesh: no context. Everything else
+  is the jitted function's."""
+
+  def __init__(self, jitted):
+    self.jitted = jitted
+
+  @staticmethod
+  def _mesh_of(args):
+    for x in jax.tree.leaves(args):
+      if isinstance(getattr(x, "sharding", None), NamedSharding):
+        return jax.set_mesh(x.sharding.mesh)
+    return contextlib.nullcontext()
+
+  def __call__(self, *args):
+    with self._mesh_of(args):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with self._mesh_of(args):
+      return self.jitted.lower(*args)
+
+  def trace(self, *args):
+    with self._mesh_of(args):
+      return self.jitted.trace(*args)
+
+  def __getattr__(self, name):
+    return getattr(self.jitted, name)
+
+
 def make_train_step(kind: str, student, teacher, tx: optax.GradientTransformation,
                     cfg: LossConfig = LossConfig(), *, grad_accum_steps: int = 1,
                     schedule: optax.Schedule | None = None):
@@ -260,7 +294,7 @@ def make_train_step(kind: str, student, teacher, tx: optax.GradientTransformatio
       metrics["learning_rate"] = schedule(state.step)
     return new_state, metrics
 
-  return jax.jit(step, donate_argnums=(0,))
+  return _OnArgumentMesh(jax.jit(step, donate_argnums=(0,)))
 
 
 def _interleave_halves(batch, n: int):
@@ -279,5 +313,5 @@ def make_eval_step(kind: str, student, teacher, cfg: LossConfig = LossConfig(), 
   `rng` is needed only by a student with Gumbel router noise (the original adds it at eval too).
   """
   loss = loss_fn(kind, student, teacher, cfg)
-  return jax.jit(lambda params, batch, teacher_params: loss(params, teacher_params, batch, rng,
-                                                             False)[1])
+  return _OnArgumentMesh(jax.jit(lambda params, batch, teacher_params: loss(
+      params, teacher_params, batch, rng, False)[1]))
