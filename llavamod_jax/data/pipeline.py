@@ -7,13 +7,22 @@
     state = it.get_state()           # JSON-able; it.set_state(state) resumes on the same batches
     it.stats()                       # records / examples / batches / truncated / skipped per reason
 
-Order of work: per-process shard of the record index (`source[shard_index::shard_count]`, a fixed
-partition) -> shuffle by `seed` (reshuffled every epoch) -> epochs -> per record, in reader threads
-and optional worker processes: parse checks, template encoding, image loading and preprocessing ->
-in the consuming process: skip accounting, batching, padding. Records are never filtered before the
+Order of work: one global record order (the whole source shuffled by `seed`, reshuffled every
+epoch, epochs back to back) -> this process's rows of it -> per record, in reader threads and
+optional worker processes: parse checks, template encoding, image loading and preprocessing -> in
+the consuming process: skip accounting, batching, padding. Records are never filtered before the
 workers, so the batches do not depend on the number of workers or threads.
 
-Batch (conversation mode; `B` = batch_size, `K` = images_per_sample, `L` = max_length or a bucket):
+Processes: `batch_size` is the global batch. The global order is cut into blocks of batch_size
+records, and process p of P reads only rows [p*b, (p+1)*b) of every block (b = batch_size / P), so
+its local batches are b rows and stacking the P local batches in process order gives exactly the
+batch one process would make: the data a run sees does not depend on how many hosts it runs on.
+(A skipped record is replaced by the next record of the same process's rows, so with bad records
+in the data the batches of different process counts differ from that point on; the final partial
+block of a finite pipeline may leave some processes a batch short.)
+
+Batch (conversation mode; `B` = batch_size / shard_count rows, `K` = images_per_sample, `L` =
+max_length or a bucket):
   input_ids      [B, L] int32   right-padded with the tokenizer's pad id
   attention_mask [B, L] int32   1 on real tokens
   labels         [B, L] int32   input_ids where trained, -100 elsewhere (shift happens in the loss)
@@ -28,7 +37,9 @@ token of row r takes feature row (r*K*N + k) of the [B*K*N, hidden] image featur
 per image); this equals transformers' batch-wide in-order scatter whenever every row holds K images.
 Preference mode stacks chosen and rejected: rows [0, B) are prompt + chosen, rows [B, 2B) prompt +
 rejected (same prompt, same images, duplicated into both rows' slots), so input_ids etc. are [2B, L]
-and pixel_values [2*B*K, H, W, 3]; labels cover only the response.
+and pixel_values [2*B*K, H, W, 3]; labels cover only the response. (With several processes each one
+stacks its own rows so; `train.loop.batch_to_device` regroups the global batch into all chosen rows,
+then all rejected rows.)
 Views: teacher and student may expand `<image>` to different token counts and preprocess images
 differently. Each `View` adds its own keys (prefixed by `View.prefix`, e.g. "teacher_"). The view
 with the fewest image tokens gets length L; a view with n more tokens per image gets L + K*n, and
@@ -43,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from typing import Any, Sequence
 
 import grain
@@ -197,10 +209,11 @@ class BatchIterator(grain.DatasetIterator):
   batches and the same statistics."""
 
   def __init__(self, parent: grain.DatasetIterator, collate: _Collate, drop_remainder: bool,
-               strict: bool, log_first: int):
+               strict: bool, log_first: int, max_skips_in_a_row: int):
     super().__init__(parent)
     self._collate, self._drop_remainder = collate, drop_remainder
     self._strict, self._log_first = strict, log_first
+    self._max_skips = max_skips_in_a_row
     self._counts = _new_counts()
     self._done = False
 
@@ -226,7 +239,7 @@ class BatchIterator(grain.DatasetIterator):
     return True
 
   def __next__(self) -> dict[str, np.ndarray]:
-    examples, exhausted_now = [], False
+    examples, exhausted_now, skips = [], False, 0
     while not self._done and len(examples) < self._collate.batch_size:
       try:
         item = next(self._parent)
@@ -235,6 +248,14 @@ class BatchIterator(grain.DatasetIterator):
         break
       if self._account(item):
         examples.append(item)
+        skips = 0
+      else:
+        skips += 1
+        if skips > self._max_skips:  # a pipeline that repeats forever would spin here silently
+          raise sources_lib.DataError(
+              f"{skips} records in a row were skipped (more than one pass over the data) and no "
+              f"example was left: {summary(self._counts)}; see the warnings above for why (e.g. "
+              f"max_length={self._collate.max_length} too short for the template and image tokens)")
     batch = None
     if examples and (len(examples) == self._collate.batch_size or not self._drop_remainder):
       self._counts["batches"] += 1
@@ -261,6 +282,40 @@ class BatchIterator(grain.DatasetIterator):
     self._done = bool(state["done"])
 
 
+class _ProcessRows(grain.MapDataset):
+  """Process `index` of `count` reads rows [index*rows, (index+1)*rows) of every block of
+  rows*count records of `parent`: its j-th record is the parent's record
+  (j // rows) * rows * count + index * rows + j % rows."""
+
+  def __init__(self, parent: grain.MapDataset, rows: int, index: int, count: int):
+    super().__init__(parent)
+    self._rows, self._index, self._count = rows, index, count
+    n = len(parent)
+    if n >= sys.maxsize:  # repeated forever
+      self._length = sys.maxsize
+    else:
+      blocks, rest = divmod(n, rows * count)
+      self._length = blocks * rows + min(max(rest - index * rows, 0), rows)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _parent_index(self, j: int) -> int:
+    # Past the end, grain's convention: the next pass over the parent (as SliceMapDataset does).
+    epoch, j = divmod(j, self._length) if self._length else (0, j)
+    block, row = divmod(j, self._rows)
+    first_of_block = block * self._rows * self._count + self._index * self._rows
+    return epoch * len(self._parent) + first_of_block + row
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._parent_index(index)]
+
+  def __str__(self) -> str:
+    return f"ProcessRows(rows={self._rows}, index={self._index}, count={self._count})"
+
+
 def _new_counts() -> dict[str, Any]:
   return {"records": 0, "examples": 0, "batches": 0, "truncated": 0, "dropped_remainder": 0,
           "skipped": {}}
@@ -271,17 +326,21 @@ class Pipeline:
 
   source: `sources.JsonSource`, `Mixture`, `TfdsSource` or any sequence of `Record | Bad`.
   mode: "conversation" (instruction / caption data; every assistant turn trained) or "preference".
+  batch_size: the global batch (all processes together); each process yields batch_size /
+    shard_count rows (see "Processes" in the module docstring).
   num_epochs: None repeats forever (what multi-process training wants: every process then yields a
     batch at every step); a number stops after that many passes.
-  shard_index / shard_count: default `jax.process_index()` / `jax.process_count()`.
+  shard_index / shard_count: this process and the number of processes; default
+    `jax.process_index()` / `jax.process_count()`.
   worker_count: 0 runs in this process (with `read_threads` reader threads); > 0 uses grain worker
     processes (spawned: the source, tokenizer and template are pickled to each worker).
   length_buckets: pad each batch to the smallest bucket that fits its longest sequence (max_length is
     always a bucket); None pads to max_length. Each bucket is one more shape to compile.
   drop_remainder: drop a final partial batch (counted); False pads it with empty rows
     (example_mask 0).
-  After construction, `records_per_epoch` is the size of this process's shard and `examples` the
-  grain IterDataset of per-record results (examples and skip markers) that the batches are made of.
+  After construction, `records_per_epoch` is the number of records in one pass (all processes) and
+  `examples` the grain IterDataset of this process's per-record results (examples and skip markers)
+  that its batches are made of.
   """
 
   def __init__(self, source: Any, tokenizer: Any, *, views: Sequence[View], batch_size: int,
@@ -308,21 +367,32 @@ class Pipeline:
       shard_count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= shard_index < shard_count:
       raise ValueError(f"shard_index={shard_index} must lie in [0, shard_count={shard_count})")
+    if shard_count > 1 and length_buckets:
+      raise ValueError(f"length_buckets={list(length_buckets)} with shard_count={shard_count}: each "
+                       "process would pick its own bucket, and the processes' batches must have one "
+                       "shape; pad to max_length (length_buckets=None) in multi-process runs")
+    if batch_size % shard_count:
+      raise ValueError(f"batch_size={batch_size} (the global batch, config.data.batch_size) is not "
+                       f"divisible by shard_count={shard_count} (the number of processes): every "
+                       "process must read the same number of rows")
     self.source, self.mode = source, mode
     self.shard_index, self.shard_count = shard_index, shard_count
     self.worker_count, self.worker_buffer_size = worker_count, worker_buffer_size
     self.drop_remainder, self.strict, self.log_first = drop_remainder, strict, log_first
     encoder = templates.Encoder(tokenizer, template)
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-    self._collate = _Collate(views, mode, batch_size, max_length, images_per_sample, pad_id,
+    rows = batch_size // shard_count
+    self._collate = _Collate(views, mode, rows, max_length, images_per_sample, pad_id,
                              length_buckets)
 
-    ds = grain.MapDataset.source(source)[shard_index::shard_count]
+    ds = grain.MapDataset.source(source)
     self.records_per_epoch = len(ds)
     if shuffle:
       ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
       ds = ds.repeat(num_epochs)
+    if shard_count > 1:  # after shuffle and repeat: the global order is the same for any count
+      ds = _ProcessRows(ds, rows, shard_index, shard_count)
     ds = ds.map(_Prepare(encoder, views, mode, max_length, images_per_sample))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=read_buffer_size))
@@ -334,7 +404,7 @@ class Pipeline:
 
   def __iter__(self) -> BatchIterator:
     return BatchIterator(iter(self.examples), self._collate, self.drop_remainder, self.strict,
-                         self.log_first)
+                         self.log_first, max_skips_in_a_row=max(self.records_per_epoch, 1))
 
 
 def _use_default_flags():

@@ -1,7 +1,8 @@
 """From a run config to the objects a stage trains with: tokenizer, models and parameters, data.
 
 Side effects (building the synthetic set, training the demo tokenizer) happen here and in the loop,
-never in the pure numeric code.
+never in the pure numeric code. In a multi-process run `prepare_demo_assets` builds the demo cache
+first (process 0 writes, the others wait), so the `ensure_*` functions below then only read it.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from llavamod_jax import checkpoint, hf, models, moe
+from llavamod_jax import checkpoint, distributed, hf, models, moe
 from llavamod_jax.data import pipeline, sources, synthetic
 from llavamod_jax.models.configs import LlavaConfig, TextConfig, VisionConfig
+from llavamod_jax.train.config import STAGES
 
 log = logging.getLogger(__name__)
 IMAGE_TOKEN = "<image>"
@@ -29,6 +31,25 @@ SPECIALS = ["<|endoftext|>", IMAGE_TOKEN]
 def shapes_dir(cfg) -> Path:
   s = cfg.data.shapes
   return Path(cfg.demo_cache) / f"shapes-{s.num_train}-{s.num_eval}-{s.image_size}"
+
+
+def prepare_demo_assets(cfg) -> None:
+  """Build what `cfg` takes from the demo cache (`cfg.demo_cache`) before anything reads it. The
+  shapes set and the demo tokenizer are built by process 0 while the others wait, then read (hosts
+  that do not share the cache's filesystem build their own copy); the demo teacher is trained by all
+  processes together, since its training run is itself a multi-process run."""
+  teacher = STAGES[cfg.stage] in ("mimic", "preference") and cfg.teacher.init == "demo"
+  tokenizer = teacher or (cfg.student.init == "demo" and not cfg.data.tokenizer)
+
+  def data():
+    ensure_shapes(cfg)
+    if tokenizer:
+      ensure_demo_tokenizer(cfg)
+
+  if cfg.data.source == "shapes" or tokenizer:
+    distributed.main_first("demo data", data)
+  if teacher:
+    ensure_demo_teacher(cfg)
 
 
 def ensure_shapes(cfg) -> Path:
@@ -176,9 +197,12 @@ def load_model(src, tokenizer, cfg, *, role: str, teacher=None):
 
 
 def ensure_demo_teacher(cfg) -> Path:
-  """The embedded default's teacher: trained once with configs/teacher.py's recipe, then cached."""
+  """The embedded default's teacher: trained once with configs/teacher.py's recipe, then cached.
+  Collective: every process calls it (they train together); process 0 writes the HF directory."""
   out = Path(cfg.demo_cache) / "teacher_hf"
-  if (out / "config.json").exists():
+  # Process 0 decides for all: a process that alone skipped the training would leave the others
+  # waiting in its collectives.
+  if distributed.main_value(int((out / "config.json").exists())):
     return out
   from llavamod_jax.train import loop
   from llavamod_jax.train import recipes
@@ -190,9 +214,12 @@ def ensure_demo_teacher(cfg) -> Path:
   log.info("demo teacher not cached: training it first (%d steps) in %s", tcfg.total_steps,
            Path(cfg.demo_cache) / "teacher_run")
   loop.run(tcfg, Path(cfg.demo_cache) / "teacher_run")
+  # Orbax reads are collective too: every process restores, process 0 writes.
   model, params = checkpoint.restore_model(Path(cfg.demo_cache) / "teacher_run" / "checkpoints")
-  hf.save(model, params, out, overwrite=True)
-  ensure_demo_tokenizer(cfg).save_pretrained(out)
+  if distributed.is_main():
+    hf.save(model, params, out, overwrite=True)
+    ensure_demo_tokenizer(cfg).save_pretrained(out)
+  distributed.barrier("demo teacher")
   return out
 
 

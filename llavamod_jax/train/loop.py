@@ -7,10 +7,16 @@ logging, signals.
 
 WORKDIR layout: checkpoints/<step>/ (orbax), tokenizer/, run.json (what readers need: template,
 image settings), config.json, metrics.jsonl, tensorboard/, loss_curves.png.
+
+Several processes (jax.distributed started by launch/train.py): every process runs this same loop on
+its own rows of each global batch (data.pipeline) and meets the others in the jitted step and in
+orbax's saves; process 0 alone writes the workdir's other files. Whatever one process decides must
+be decided by all (a SIGTERM is agreed on at logging steps, see `run`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -25,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llavamod_jax import checkpoint, models, sharding
+from llavamod_jax import checkpoint, distributed, models, sharding
 from llavamod_jax import workdir as workdir_lib
 from llavamod_jax.models import configs as model_configs
 from llavamod_jax.train import build, optim, steps
@@ -61,15 +67,65 @@ def make_mesh(cfg) -> Mesh:
 
 def place(model, params, mesh: Mesh):
   shardings = sharding.param_shardings(models.abstract_params(model), mesh)
-  return jax.tree.map(jax.device_put, params, shardings)
+  return jax.tree.map(_put, params, shardings)
+
+
+def _put(x, target: NamedSharding):
+  if target.is_fully_addressable:
+    return jax.device_put(x, target)
+  # A multi-process mesh: an array on this process's devices cannot be sent to the others' (no
+  # cross-host transfers on CPU); every process holds the same values, so each one places its own
+  # shards from its host copy.
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):  # keys have no host form; their data does
+    data = jax.device_put(np.asarray(jax.random.key_data(x)), target)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  return jax.device_put(np.asarray(x), target)
+
+
+def replicate_unplaced(tree, mesh: Mesh):
+  """Leaves not on `mesh` (scalars made outside jit: the step, optimizer counts, the rng) ->
+  replicated on it. The step returns them so; inputs placed the same way let the first step's
+  compilation serve every later step (and several processes need global arrays anyway)."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def put(x):
+    placed = isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh
+    return x if placed else _put(x, replicated)
+
+  return jax.tree.map(put, tree)
 
 
 def batch_to_device(batch: dict, mesh: Mesh) -> dict:
-  """Numpy host batch -> global arrays sharded along the batch axis over (data, fsdp)."""
+  """This process's numpy batch -> global arrays sharded along the batch axis over (data, fsdp).
+
+  Process p's rows become block p of the global batch, which is the one-process batch (see
+  data.pipeline). A preference batch (twice as many rows as examples: this process's chosen rows,
+  then its rejected rows) is regrouped across processes into all chosen rows, then all rejected
+  rows, the layout the preference step splits in half."""
   spec = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
   drop = {"example_mask"}
-  return {k: jax.make_array_from_process_local_data(spec, np.asarray(v))
-          for k, v in batch.items() if k not in drop}
+  pairs = (jax.process_count() > 1
+           and batch["input_ids"].shape[0] == 2 * batch["example_mask"].shape[0])
+  out = {}
+  for k, v in batch.items():
+    if k in drop:
+      continue
+    x = jax.make_array_from_process_local_data(spec, np.asarray(v))
+    out[k] = _chosen_then_rejected(x, jax.process_count(), spec) if pairs else x
+  return out
+
+
+def pair_order(processes: int, rows: int) -> np.ndarray:
+  """Global row order that turns per-process blocks [chosen_p (rows), rejected_p (rows)], p = 0..P-1,
+  into [chosen_0 .. chosen_P-1, rejected_0 .. rejected_P-1]."""
+  return np.arange(processes * 2 * rows).reshape(processes, 2, rows).transpose(1, 0, 2).reshape(-1)
+
+
+@functools.partial(jax.jit, static_argnames=("processes", "sharding"))
+def _chosen_then_rejected(x, processes: int, sharding):
+  # Leading axis: rows, or image slots (K per row, owned in row order): both split the same way.
+  order = pair_order(processes, x.shape[0] // (2 * processes))
+  return jax.lax.with_sharding_constraint(x[order], sharding)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +273,7 @@ def run(cfg, workdir) -> dict[str, float]:
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   kind = STAGES[cfg.stage]
+  build.prepare_demo_assets(cfg)
 
   # Config -> tokenizer, models.
   tokenizer = build.tokenizer_for(cfg)
@@ -245,7 +302,7 @@ def run(cfg, workdir) -> dict[str, float]:
                              grad_clip_norm=o.grad_clip_norm, end_ratio=o.end_ratio)
   patterns = optim.trainable_patterns(cfg.trainable if isinstance(cfg.trainable, str)
                                       else list(cfg.trainable))
-  state = steps.init_state(params, patterns, tx, cfg.seed)
+  state = replicate_unplaced(steps.init_state(params, patterns, tx, cfg.seed), mesh)
   del params
   loss_cfg = steps.LossConfig(**cfg.loss.to_dict())
   train_step = steps.make_train_step(kind, student, teacher_model, tx, loss_cfg,
@@ -257,18 +314,21 @@ def run(cfg, workdir) -> dict[str, float]:
   start = 0
   if mngr.latest_step() is not None:
     start = mngr.latest_step()
-    state = _restore(mngr, start, state, patterns, data_iter)
+    state = replicate_unplaced(_restore(mngr, start, state, patterns, data_iter), mesh)
     writer.truncate_after(start)
     log.info("resumed from %s/checkpoints/%d", workdir, start)
 
-  # SIGTERM (preemption): finish the current step, save, exit.
+  # SIGTERM (preemption): finish the current step, save, exit. With several processes the signal may
+  # reach only some of them, and all must stop at the same step (the save is collective): they agree
+  # at each logging step, where the host waits for the devices anyway.
   stop = {"signal": None}
+  multi = jax.process_count() > 1
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
 
   n_trainable = sum(x.size for x in jax.tree.leaves(state.params))
   log.info("stage %s (%s step): %d steps from %d, %s trainable parameters, batch %d, workdir %s",
            cfg.stage, kind, cfg.total_steps, start, f"{n_trainable:,}", cfg.data.batch_size, workdir)
-  last, pending, skipped = {}, [], 0
+  last, pending, skipped, stopping = {}, [], 0, False
   t0, tokens, timed_steps = time.time(), 0, 0
   step = start
   try:
@@ -284,12 +344,13 @@ def run(cfg, workdir) -> dict[str, float]:
         if cfg.nan_policy == "stop":
           raise NonFiniteLoss(msg + "; stopping (nan_policy='stop'); the last checkpoint is intact")
         log.warning("%s; update skipped (nan_policy='skip', %d so far)", msg, skipped)
-      if step % cfg.log_every == 0 or step == cfg.total_steps:
+      logging_step = step % cfg.log_every == 0 or step == cfg.total_steps
+      if logging_step:
         host = jax.device_get(pending)
         last = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
         elapsed = time.time() - t0
         timed_steps += len(pending)
-        last["tokens_per_sec"] = tokens / max(elapsed, 1e-9)
+        last["tokens_per_sec"] = distributed.total(tokens) / max(elapsed, 1e-9)
         last["skipped_total"] = skipped
         writer.write(step, last)
         eta = elapsed / timed_steps * (cfg.total_steps - step)
@@ -299,10 +360,15 @@ def run(cfg, workdir) -> dict[str, float]:
                  last.get("learning_rate", 0.0), last["tokens_per_sec"],
                  time.strftime("%H:%M:%S", time.gmtime(eta)))
         pending, tokens, t0, timed_steps = [], 0, time.time(), 0
-      if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or stop["signal"]:
+      if not multi:
+        stopping = stop["signal"] is not None
+      elif logging_step:
+        stopping = distributed.any_process(stop["signal"] is not None)
+      if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or stopping:
         _save(mngr, step, student, state, data_iter)
-      if stop["signal"]:
-        log.warning("signal %d: saved checkpoint %d, exiting", stop["signal"], step)
+      if stopping:
+        log.warning("signal %s: saved checkpoint %d, exiting", stop["signal"] or "(another process)",
+                    step)
         break
   finally:
     mngr.wait_until_finished()

@@ -42,9 +42,9 @@ def _quality(model, params, tokenizer, info, records, batch_size: int) -> dict:
 
 
 def final_report(cfg, workdir, *, limit: int = 200, batch_size: int = 16) -> dict:
-  """Evaluate the run's student (and its teacher) on the held-out split; writes report.json."""
-  if jax.process_index() != 0:
-    return {}
+  """Evaluate the run's student (and its teacher) on the held-out split; writes report.json.
+  Every process of a multi-process run computes it (orbax reads are collective; the evaluation runs
+  on each process's own devices); process 0 writes and prints it."""
   workdir = Path(workdir)
   student, sparams, tokenizer, info = workdir_lib.load_model(workdir)
   files, root = build.eval_files(cfg)
@@ -58,8 +58,9 @@ def final_report(cfg, workdir, *, limit: int = 200, batch_size: int = 16) -> dic
     batches = evaluation.kl_batches(tokenizer, info, tinfo, records, batch_size=batch_size)
     report["student"]["kl_to_teacher"] = {
         "kl": evaluation.kl_to_teacher(student, sparams, teacher, tparams, batches)["kl"]}
-  (workdir / "report.json").write_text(json.dumps(report, indent=2))
-  print(table(report))
+  if jax.process_index() == 0:
+    (workdir / "report.json").write_text(json.dumps(report, indent=2))
+    print(table(report))
   return report
 
 

@@ -255,10 +255,43 @@ def test_worker_processes_give_the_same_batches_and_resume(corpus, tok, image_id
 
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_process_shards_partition_the_data(corpus, tok, image_id, shuffle):
-  shards = [_ids(_pipe(corpus, tok, image_id, shard_index=k, shard_count=3, shuffle=shuffle))
-            for k in range(3)]
-  assert sorted(len(s) for s in shards) == [7, 7, 8]
+  # batch_size is the global batch: process k of 3 reads rows [2k, 2k+2) of every 6-record block of
+  # the one global order (it used to read source[k::3] in its own shuffled order, which made the
+  # batches depend on the process count; a global batch of 4 does not split over 3 processes).
+  shards = [_ids(_pipe(corpus, tok, image_id, shard_index=k, shard_count=3, shuffle=shuffle,
+                       batch_size=6)) for k in range(3)]
+  assert [len(s) for s in shards] == [8, 8, 6]  # 3 blocks, then 4 records: rows of processes 0, 1
   assert sorted(sum(shards, [])) == sorted(f"r{i}" for i in range(22))  # union = all, disjoint
+  one = _ids(_pipe(corpus, tok, image_id, shuffle=shuffle, batch_size=6))
+  assert shards[1][:2] == one[2:4] and shards[2][2:4] == one[10:12]
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_global_batches_do_not_depend_on_the_process_count(corpus, tok, image_id, count):
+  """Stacking the processes' local batches in process order gives the one-process batch, across the
+  epoch boundary (22 records) and after a resume."""
+  kw = dict(num_epochs=None, batch_size=4)
+  one = iter(_pipe(corpus, tok, image_id, **kw))
+  local = [iter(_pipe(corpus, tok, image_id, shard_index=k, shard_count=count, **kw))
+           for k in range(count)]
+  for step in range(8):
+    if step == 4:  # each process restores its own state, as from a checkpoint
+      states = [json.loads(json.dumps(it.get_state())) for it in local]
+      local = [iter(_pipe(corpus, tok, image_id, shard_index=k, shard_count=count, **kw))
+               for k in range(count)]
+      for it, state in zip(local, states):
+        it.set_state(state)
+    expected = next(one)
+    parts = [next(it) for it in local]
+    assert all(p["input_ids"].shape == (4 // count, 48) for p in parts)
+    assert _same({k: np.concatenate([p[k] for p in parts]) for k in expected}, expected), step
+
+
+def test_process_count_must_divide_the_batch(corpus, tok, image_id):
+  with pytest.raises(ValueError, match=r"batch_size=4 .*config.data.batch_size.* shard_count=3"):
+    _pipe(corpus, tok, image_id, shard_index=0, shard_count=3)
+  with pytest.raises(ValueError, match="length_buckets"):
+    _pipe(corpus, tok, image_id, shard_index=0, shard_count=2, length_buckets=[24])
 
 
 def test_final_partial_batch(corpus, tok, image_id):
@@ -349,6 +382,12 @@ def _corrupt(rng, record):
   else:
     r = rng.choice([[r], "record", 5, None])
   return json.dumps(r)
+
+
+def test_a_pipeline_that_skips_everything_stops(corpus, tok, image_id):
+  it = iter(_pipe(corpus, tok, image_id, num_epochs=None, max_length=6))  # no answer fits
+  with pytest.raises(DataError, match=r"23 records in a row were skipped .*max_length=6"):
+    next(it)
 
 
 def test_fuzz_corrupted_records(tmp_path, tok, image_id):
