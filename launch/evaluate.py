@@ -7,14 +7,14 @@ r"""Evaluate a model (training workdir or HF directory) on held-out records, and
 
 Prints one row per task (POPE: accuracy/precision/recall/F1/yes_ratio; other tasks: exact match after
 normalisation; see llavamod_jax/evaluation.py) and, with a teacher, the mean KL(teacher || student) over
-the reference answers' tokens. --out writes the metrics and every prediction as JSON.
+the reference answers' tokens. --out writes the metrics and every prediction as JSON. --workdir and
+--out may be gs:// URIs.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from absl import app, flags, logging
 
@@ -70,7 +70,7 @@ def main(argv) -> dict:
   if _STEP.value is not None and not _WORKDIR.value:
     raise app.UsageError("--step applies to --workdir only")
 
-  from llavamod_jax import evaluation, workdir
+  from llavamod_jax import evaluation, fileutil, workdir
 
   try:
     model, params, tokenizer, info = workdir.load_model(model_path, _STEP.value)
@@ -105,7 +105,7 @@ def main(argv) -> dict:
   result = {"model": str(model_path), "step": _STEP.value, "teacher": teacher_path, "data": files,
             "metrics": metrics, "predictions": predictions}
   if _OUT.value:
-    out = Path(_OUT.value)
+    out = fileutil.path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     logging.info("wrote %s", out)

@@ -9,6 +9,7 @@ The directory loads with `transformers.LlavaForConditionalGeneration.from_pretra
 Qwen2-MoE language model), `AutoTokenizer` and `AutoProcessor`; what it holds is described in
 llavamod_jax/export.py. --push_to_hub uses huggingface_hub's own credentials (HF_TOKEN or
 `hf auth login`); --dry_run lists the files and sizes that would be sent and makes no network call.
+--workdir may be a gs:// URI; --out is a local directory.
 """
 
 from __future__ import annotations
@@ -52,10 +53,14 @@ def main(argv) -> list[tuple[str, int]] | None:
   if _PUSH_TO_HUB.value and "/" not in _PUSH_TO_HUB.value:
     raise app.UsageError(f"--push_to_hub={_PUSH_TO_HUB.value}: expected ORG/NAME")
 
-  from llavamod_jax import export, workdir
+  from llavamod_jax import export, fileutil, workdir
 
+  if fileutil.is_remote(_OUT.value):
+    raise app.UsageError(f"--out={_OUT.value}: export to a local directory (then copy it, or "
+                         "--push_to_hub it)")
   out = Path(_OUT.value)
-  if _WORKDIR.value and Path(_WORKDIR.value).resolve().is_relative_to(out.resolve()):
+  if (_WORKDIR.value and not fileutil.is_remote(_WORKDIR.value)
+      and Path(_WORKDIR.value).resolve().is_relative_to(out.resolve())):
     raise app.UsageError(f"--out={out} holds --workdir={_WORKDIR.value}; export somewhere else")
   try:
     if _WORKDIR.value:

@@ -9,6 +9,8 @@ Layout of a workdir (written by the training loop):
   WORKDIR/run.json              `RunInfo`: how the model reads its inputs (template, images, token ids)
   WORKDIR/metrics.jsonl         one JSON object per logged step
 
+A workdir may be a gs:// URI (llavamod_jax/fileutil.py); an HF directory must be local.
+
 An HF directory has no run.json; its `RunInfo` is inferred: template and image settings from the
 `llavamod_jax.json` sidecar that `launch/export_hf.py` writes, else the template "qwen" and the image
 settings of `preprocessor_config.json` (or the vision tower's own size); token ids from config.json and
@@ -22,6 +24,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from llavamod_jax import fileutil
 
 RUN_JSON = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -91,10 +95,14 @@ class RunInfo:
                teacher=d.get("teacher"), data=data, **ints,
                extra={k: v for k, v in d.items() if k not in names})
 
-  def write(self, workdir: str | os.PathLike) -> Path:
-    """Write WORKDIR/run.json (via a temporary file, so a reader never sees half of it)."""
-    path = Path(workdir) / RUN_JSON
+  def write(self, workdir: str | os.PathLike) -> fileutil.AnyPath:
+    """Write WORKDIR/run.json so that a reader never sees half of it (locally: via a temporary
+    file)."""
+    path = fileutil.path(workdir) / RUN_JSON
     path.parent.mkdir(parents=True, exist_ok=True)
+    if fileutil.is_remote(path):  # an object store shows an object whole or not at all
+      path.write_text(self.to_json())
+      return path
     tmp = path.with_name(f".{RUN_JSON}.tmp-{os.getpid()}")
     tmp.write_text(self.to_json())
     os.replace(tmp, path)
@@ -102,7 +110,7 @@ class RunInfo:
 
   @classmethod
   def read(cls, workdir: str | os.PathLike) -> "RunInfo":
-    path = Path(workdir) / RUN_JSON
+    path = fileutil.path(workdir) / RUN_JSON
     if not path.is_file():
       raise FileNotFoundError(f"{path}: no run.json (a training workdir has one beside checkpoints/)")
     return cls.from_json(path.read_text(), str(path))
@@ -148,7 +156,7 @@ def read(workdir: str | os.PathLike) -> RunInfo:
   return RunInfo.read(workdir)
 
 
-def write(workdir: str | os.PathLike, info: RunInfo) -> Path:
+def write(workdir: str | os.PathLike, info: RunInfo) -> fileutil.AnyPath:
   return info.write(workdir)
 
 
@@ -157,7 +165,7 @@ def write(workdir: str | os.PathLike, info: RunInfo) -> Path:
 
 
 def is_workdir(path: str | os.PathLike) -> bool:
-  p = Path(path)
+  p = fileutil.path(path)
   return (p / RUN_JSON).is_file() or (p / CHECKPOINTS).is_dir()
 
 
@@ -168,14 +176,18 @@ def load_model(path: str | os.PathLike, step: int | None = None):
 
   from llavamod_jax import checkpoint, hf
 
-  p = Path(path)
+  p = fileutil.path(path)
   if is_workdir(p):
     info = RunInfo.read(p)
     if not (p / TOKENIZER).is_dir():
       raise FileNotFoundError(f"{p / TOKENIZER}: no tokenizer directory in the workdir")
     model, params = checkpoint.restore_model(p / CHECKPOINTS, step)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(p / TOKENIZER))
+    with fileutil.local_dir(p / TOKENIZER) as tokenizer_dir:
+      tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
     where = str(p / RUN_JSON)
+  elif fileutil.is_remote(p):
+    raise FileNotFoundError(f"{p}: not a training workdir (no {RUN_JSON}, no {CHECKPOINTS}/); a "
+                            "Hugging Face model directory must be on local disk")
   elif (p / "config.json").is_file():
     if step is not None:
       raise ValueError(f"{p}: a Hugging Face directory has no steps (got step={step})")

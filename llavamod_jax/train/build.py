@@ -134,7 +134,7 @@ def _moe_options(src) -> dict:
   m = src.moe
   return dict(moe_dispatch=m.dispatch, moe_impl=m.impl, capacity_factor=m.capacity_factor,
               eval_capacity_factor=m.eval_capacity_factor, min_capacity=m.min_capacity,
-              router_noise=m.router_noise)
+              router_noise=m.router_noise, moe_expert_parallel=m.expert_parallel)
 
 
 def _compose(src, tokenizer, seed: int, vision=None):

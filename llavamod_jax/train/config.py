@@ -14,6 +14,7 @@ from __future__ import annotations
 import ml_collections
 
 STAGES = {"teacher": "sft", "adaptor": "sft", "mimic": "mimic", "preference": "preference"}
+EXPERT_PARALLEL = ("auto", "all_to_all", "gspmd")
 
 
 def model_source(init: str = "demo") -> ml_collections.ConfigDict:
@@ -28,8 +29,11 @@ def model_source(init: str = "demo") -> ml_collections.ConfigDict:
       "remat": False,
       # Sparse upcycling of the LLM (num_experts 0: keep it dense).
       "upcycle": {"num_experts": 0, "top_k": 2, "layers": "sparse", "seed": 0},
+      # expert_parallel: how dropless dispatch crosses the mesh's expert axis (models/moe_block.py):
+      # auto | all_to_all (shard_map + all-to-all) | gspmd (XLA places it).
       "moe": {"dispatch": "dropless", "impl": "auto", "capacity_factor": 1.5,
-              "eval_capacity_factor": 2.0, "min_capacity": 0, "router_noise": "none"},
+              "eval_capacity_factor": 2.0, "min_capacity": 0, "router_noise": "none",
+              "expert_parallel": "auto"},
       # Tiny models of the embedded default (init="demo").
       "demo": {"hidden_size": 128, "intermediate_size": 256, "num_layers": 4, "num_heads": 4,
                "num_kv_heads": 2, "vision_hidden_size": 96, "vision_layers": 3, "vision_heads": 4,
@@ -106,6 +110,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for key in needs.get(src.init, []):
       if not src[key]:
         fail(f"{who}.{key}", f"required when {who}.init={src.init!r}")
+    m = src.moe
+    if m.expert_parallel not in EXPERT_PARALLEL:
+      fail(f"{who}.moe.expert_parallel", f"{m.expert_parallel!r}: expected one of {EXPERT_PARALLEL}")
+    if m.expert_parallel == "all_to_all" and (m.dispatch != "dropless" or m.impl == "dense"):
+      fail(f"{who}.moe.expert_parallel", f"'all_to_all' needs {who}.moe.dispatch='dropless' and "
+           f"{who}.moe.impl auto|ragged|blocked, got dispatch={m.dispatch!r}, impl={m.impl!r}")
   if STAGES[c.stage] in ("mimic", "preference") and c.teacher.init == "none":
     fail("teacher.init", f"stage {c.stage!r} needs a teacher")
   if c.data.source not in ("shapes", "files"):

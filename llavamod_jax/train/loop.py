@@ -6,7 +6,8 @@ the batches it would have seen), then step, log and checkpoint. Side effects liv
 logging, signals.
 
 WORKDIR layout: checkpoints/<step>/ (orbax), tokenizer/, run.json (what readers need: template,
-image settings), config.json, metrics.jsonl, tensorboard/, loss_curves.png.
+image settings), config.json, metrics.jsonl, tensorboard/, loss_curves.png. WORKDIR may be a gs://
+URI (fileutil.path): every file here is written whole, since an object store cannot append.
 
 Several processes (jax.distributed started by launch/train.py): every process runs this same loop on
 its own rows of each global batch (data.pipeline) and meets the others in the jitted step and in
@@ -17,6 +18,7 @@ be decided by all (a SIGTERM is agreed on at logging steps, see `run`).
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import math
@@ -31,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llavamod_jax import checkpoint, distributed, models, sharding
+from llavamod_jax import checkpoint, distributed, fileutil, models, sharding
 from llavamod_jax import workdir as workdir_lib
 from llavamod_jax.models import configs as model_configs
 from llavamod_jax.train import build, optim, steps
@@ -134,43 +136,73 @@ def _chosen_then_rejected(x, processes: int, sharding):
 
 
 class MetricWriter:
-  """metrics.jsonl (one object per logged step) + TensorBoard scalars; process 0 writes."""
+  """metrics.jsonl (one object per logged step) + TensorBoard scalars; process 0 writes.
 
-  def __init__(self, workdir: Path):
+  A remote workdir (gs://) has no append: the writer keeps the file's lines and rewrites it whole at
+  every logged step. TensorBoard writes there only if its file system support reaches the store
+  (gcsfs, or TensorFlow's gfile); if not, there are no event files, with a warning."""
+
+  def __init__(self, workdir: fileutil.AnyPath):
     self.enabled = jax.process_index() == 0
     self.path = workdir / "metrics.jsonl"
+    self._lines = None  # remote: the file's lines, rewritten whole
     self._tb = None
-    if self.enabled:
-      try:
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-        self._tb = EventFileWriter(str(workdir / "tensorboard"))
-      except ImportError:
-        log.warning("tensorboard is not installed: no event files (metrics.jsonl is written)")
+    if not self.enabled:
+      return
+    if fileutil.is_remote(workdir):
+      self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+    try:
+      from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    except ImportError:
+      log.warning("tensorboard is not installed: no event files (metrics.jsonl is written)")
+      return
+    try:
+      self._tb = EventFileWriter(str(workdir / "tensorboard"))
+    except Exception as e:  # noqa: BLE001 - e.g. gs:// without gcsfs: train on, without event files
+      self._tb_failed(e)
+
+  def _tb_failed(self, e: Exception) -> None:
+    log.warning("tensorboard cannot write to %s (%s: %s): no event files from now on "
+                "(metrics.jsonl is written)", self.path.parent / "tensorboard", type(e).__name__, e)
+    self._tb = None
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **scalars}) + "\n")
+    line = json.dumps({"step": step, **scalars}) + "\n"
+    if self._lines is None:
+      with open(self.path, "a") as f:
+        f.write(line)
+    else:
+      self._lines.append(line)
+      self.path.write_text("".join(self._lines))
     if self._tb is not None:
       from tensorboard.compat.proto import event_pb2, summary_pb2
       values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
-      self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=step,
-                                         summary=summary_pb2.Summary(value=values)))
-      self._tb.flush()
+      try:
+        self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=step,
+                                           summary=summary_pb2.Summary(value=values)))
+        self._tb.flush()
+      except Exception as e:  # noqa: BLE001 - the async writer reports a failed write here
+        self._tb_failed(e)
 
   def truncate_after(self, step: int) -> None:
     """A resumed run rewrites the steps after its checkpoint: drop the stale lines."""
     if self.enabled and self.path.exists():
-      keep = [l for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= step]
-      self.path.write_text("".join(l + "\n" for l in keep))
+      keep = [l + "\n" for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= step]
+      self.path.write_text("".join(keep))
+      if self._lines is not None:
+        self._lines = keep
 
   def close(self):
     if self._tb is not None:
-      self._tb.close()
+      try:
+        self._tb.close()
+      except Exception as e:  # noqa: BLE001
+        self._tb_failed(e)
 
 
-def plot_losses(workdir: Path) -> Path | None:
+def plot_losses(workdir: fileutil.AnyPath) -> fileutil.AnyPath | None:
   path = workdir / "metrics.jsonl"
   if jax.process_index() != 0 or not path.exists():
     return None
@@ -187,9 +219,11 @@ def plot_losses(workdir: Path) -> Path | None:
     ax.set_title(name)
     ax.set_xlabel("step")
   fig.tight_layout()
-  out = workdir / "loss_curves.png"
-  fig.savefig(out, dpi=80)
+  png = io.BytesIO()  # matplotlib writes local files only; bytes go anywhere
+  fig.savefig(png, format="png", dpi=80)
   plt.close(fig)
+  out = workdir / "loss_curves.png"
+  out.write_bytes(png.getvalue())
   return out
 
 
@@ -198,7 +232,7 @@ def plot_losses(workdir: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _manager(workdir: Path, cfg) -> ocp.CheckpointManager:
+def _manager(workdir: fileutil.AnyPath, cfg) -> ocp.CheckpointManager:
   return checkpoint.manager(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
 
 
@@ -236,14 +270,15 @@ def _restore(mngr, step: int, state: steps.TrainState, patterns, data_iter) -> s
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_run_info(workdir: Path, cfg, model, tokenizer, teacher_dir: str | None) -> None:
+def _write_run_info(workdir: fileutil.AnyPath, cfg, model, tokenizer,
+                    teacher_dir: str | None) -> None:
   """run.json, tokenizer/ and config.json: what evaluate / chat / export read besides weights."""
   if jax.process_index() != 0:
     return
   files, root = build.eval_files(cfg)
   files = tuple(str(Path(f).resolve()) for f in files)  # readers may run from anywhere
   root = str(Path(root).resolve()) if root else None
-  tokenizer.save_pretrained(workdir / "tokenizer")
+  fileutil.save_pretrained(tokenizer, workdir / "tokenizer")
   workdir_lib.RunInfo(
       template=cfg.data.template, stage=cfg.stage, teacher=teacher_dir,
       image=workdir_lib.ImageSettings("clip" if model.cfg.vision.is_clip else "siglip",
@@ -261,7 +296,7 @@ def _teacher_dir(cfg) -> str | None:
   if src.init == "hf":
     return str(Path(src.hf_dir).resolve())
   if src.init == "workdir":
-    return str(Path(src.workdir).resolve())
+    return src.workdir if fileutil.is_remote(src.workdir) else str(Path(src.workdir).resolve())
   if src.init == "demo":
     return str(build.ensure_demo_teacher(cfg).resolve())
   return None
@@ -270,7 +305,7 @@ def _teacher_dir(cfg) -> str | None:
 def run(cfg, workdir) -> dict[str, float]:
   """Train `cfg` in `workdir` (resuming from its latest checkpoint); returns the last metrics."""
   validate(cfg)
-  workdir = Path(workdir)
+  workdir = fileutil.path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   kind = STAGES[cfg.stage]
   build.prepare_demo_assets(cfg)

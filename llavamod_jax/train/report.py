@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jax
 
-from llavamod_jax import evaluation, workdir as workdir_lib
+from llavamod_jax import evaluation, fileutil, workdir as workdir_lib
 from llavamod_jax.models.configs import LlavaConfig
 from llavamod_jax.train import build
 
@@ -44,8 +44,8 @@ def _quality(model, params, tokenizer, info, records, batch_size: int) -> dict:
 def final_report(cfg, workdir, *, limit: int = 200, batch_size: int = 16) -> dict:
   """Evaluate the run's student (and its teacher) on the held-out split; writes report.json.
   Every process of a multi-process run computes it (orbax reads are collective; the evaluation runs
-  on each process's own devices); process 0 writes and prints it."""
-  workdir = Path(workdir)
+  on each process's own devices); process 0 writes and prints it. `workdir` may be a gs:// URI."""
+  workdir = fileutil.path(workdir)
   student, sparams, tokenizer, info = workdir_lib.load_model(workdir)
   files, root = build.eval_files(cfg)
   if cfg.stage == "preference":  # preference eval pairs are scored by the VQA / POPE questions
