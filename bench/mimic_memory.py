@@ -2,7 +2,7 @@
 student-only CE (SFT) step — from XLA's compiled memory analysis, so the numbers are exact and do not
 depend on machine load.
 
-    python bench/mimic_memory.py [--quick] [--seq 512] [--batch 2] [--chunk 128]
+    python bench/mimic_memory.py [--quick]
 
 Peak = arguments + outputs + temporaries - donated aliases (what the step needs resident at once).
 """
@@ -11,33 +11,47 @@ from __future__ import annotations
 
 import argparse
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llavamod_jax import models, moe
-from llavamod_jax.models.configs import TextConfig
+import benchutil as bu
+import jax_steps as js
+from llavamod_jax import losses, models, moe
 from llavamod_jax.train import optim, steps
-
-VOCAB = 151936
-
-
-def _lm(hidden, layers, **kw):
-  return TextConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                    num_layers=layers, num_heads=4, num_kv_heads=2, **kw)
 
 
 def _abstract(model):
-  import flax.linen as nn
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
                       nn.unbox(models.abstract_params(model)))
+
+
+def chunked_ce_loss(student, teacher, cfg: steps.LossConfig):
+  """A student-only CE loss computed from hidden states in chunks (steps' "sft" always builds full
+  logits); registered below as the bench-only step kind "sft_chunked"."""
+  del teacher
+
+  def fn(params, teacher_params, batch, rng, train):
+    del teacher_params, rng
+    out, state = student.apply({"params": params}, batch["input_ids"], None, batch["attention_mask"],
+                               train=train, compute_logits=False, mutable=["moe"])
+    targets, mask = losses.next_token_targets(batch["labels"])
+    head = lambda h: student.apply({"params": params}, h, method=student.logits)
+    ce = losses.chunked_cross_entropy(out.hidden_states, head, targets, mask, chunk_size=cfg.chunk_size)
+    loss = ce + cfg.aux_coef * moe.aux_losses(state.get("moe", {}))["load_balancing_loss"]
+    return loss, {"loss": loss, "ce": ce}
+  return fn
+
+
+steps.LOSSES.setdefault("sft_chunked", chunked_ce_loss)
 
 
 def measure(kind: str, chunk: int, teacher, tparams, student, sparams, batch) -> dict[str, float]:
   tx, _ = optim.adamw(1e-4, total_steps=10)
   cfg = steps.LossConfig(ce_weight=1.0, chunk_size=chunk)
   step = steps.make_train_step(kind, student, teacher, tx, cfg)
-  state = jax.eval_shape(lambda p: steps.init_state(p, [r".*mlp.*", r"embed_tokens/.*", r"lm_head/.*"],
-                                                    tx), sparams)
+  state = jax.eval_shape(lambda p: steps.init_state(p, js.TRAINABLE["ffn"] + [r"embed_tokens/.*",
+                                                                              r"lm_head/.*"], tx), sparams)
   compiled = step.lower(state, batch, tparams if kind == "mimic" else None).compile()
   m = compiled.memory_analysis()
   peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
@@ -45,35 +59,56 @@ def measure(kind: str, chunk: int, teacher, tparams, student, sparams, batch) ->
           "peak": peak / 2**20}
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--quick", action="store_true")
-  ap.add_argument("--seq", type=int, default=512)
-  ap.add_argument("--batch", type=int, default=2)
-  ap.add_argument("--chunk", type=int, default=128)
-  args = ap.parse_args()
-  seq = 128 if args.quick else args.seq
-  teacher = models.build(_lm(256, 2))
-  dense = models.build(_lm(128, 2))
-  student = models.build(moe.moe_text_config(dense.cfg, 4, 2, "sparse"))
+def run(profile: bu.Profile, log=print) -> dict:
+  p = profile
+  teacher = models.build(p.mem_teacher.text(p.mem_vocab))
+  student = models.build(moe.moe_text_config(p.mem_student.text(p.mem_vocab), 4, 2, "sparse"))
   tparams, sparams = _abstract(teacher), _abstract(student)
-  ids = jax.ShapeDtypeStruct((args.batch, seq), jnp.int32)
+  ids = jax.ShapeDtypeStruct((p.mem_batch, p.mem_seq), jnp.int32)
   batch = {"input_ids": ids, "attention_mask": ids, "labels": ids}
   rows = {
       "student-only CE step (sft)": measure("sft", 0, teacher, tparams, student, sparams, batch),
+      f"student-only CE step, chunked CE ({p.mem_chunk})": measure("sft_chunked", p.mem_chunk, teacher,
+                                                                  tparams, student, sparams, batch),
       "mimic, naive KL": measure("mimic", 0, teacher, tparams, student, sparams, batch),
-      f"mimic, chunked KL ({args.chunk})": measure("mimic", args.chunk, teacher, tparams, student,
-                                                   sparams, batch),
+      f"mimic, chunked KL ({p.mem_chunk} positions)": measure("mimic", p.mem_chunk, teacher, tparams,
+                                                             student, sparams, batch),
   }
   ce = rows["student-only CE step (sft)"]["peak"]
-  logits_mb = args.batch * seq * VOCAB * 4 / 2**20
-  print(f"vocab {VOCAB}, batch {args.batch} x {seq}; teacher h256 x 2 layers, student h128 x 2 layers "
-        f"(MoE 4 experts top-2 on layer 0); one [batch, seq, vocab] fp32 tensor = {logits_mb:.0f} MiB")
-  print()
-  print("| step | temporaries MiB | arguments MiB | peak MiB | x CE step |")
-  print("|---|---|---|---|---|")
+  ce_chunked = rows[f"student-only CE step, chunked CE ({p.mem_chunk})"]["peak"]
   for name, r in rows.items():
-    print(f"| {name} | {r['temp']:.0f} | {r['args']:.0f} | {r['peak']:.0f} | {r['peak'] / ce:.2f} |")
+    r["x_ce"] = r["peak"] / ce
+    r["x_ce_chunked"] = r["peak"] / ce_chunked
+    log(f"  {name}: peak {r['peak']:.0f} MiB, x{r['x_ce']:.2f} CE step")
+  return {"vocab": p.mem_vocab, "batch": p.mem_batch, "seq": p.mem_seq, "chunk": p.mem_chunk,
+          "teacher": p.mem_teacher.describe(), "student": p.mem_student.describe(),
+          "logits_mib": p.mem_batch * p.mem_seq * p.mem_vocab * 4 / 2**20, "rows": rows,
+          "chunked_key": f"mimic, chunked KL ({p.mem_chunk} positions)"}
+
+
+def markdown(res: dict) -> str:
+  lines = [
+      f"XLA's compiled memory analysis of the whole jitted train step (arguments + outputs + "
+      f"temporaries - donated aliases), vocabulary {res['vocab']:,}, batch {res['batch']} x "
+      f"{res['seq']}, teacher {res['teacher']}, student {res['student']} with 4 experts top-2 on "
+      f"layer 0, fp32; trainable: FFN/experts/router, embeddings and LM head. One [batch, seq, vocab] "
+      f"fp32 tensor is {res['logits_mib']:.0f} MiB.",
+      "",
+      "| step | temporaries MiB | arguments MiB | peak MiB | x CE step | x chunked CE step |",
+      "|---|---|---|---|---|---|",
+  ]
+  for name, r in res["rows"].items():
+    x = f"**{r['x_ce']:.2f}**" if name == res["chunked_key"] else f"{r['x_ce']:.2f}"
+    lines.append(f"| {name} | {r['temp']:.0f} | {r['args']:.0f} | {r['peak']:.0f} | {x} | "
+                 f"{r['x_ce_chunked']:.2f} |")
+  return "\n".join(lines)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--quick", action="store_true")
+  args = ap.parse_args()
+  print(markdown(run(bu.QUICK if args.quick else bu.FULL)))
 
 
 if __name__ == "__main__":
