@@ -96,8 +96,9 @@ class TorchStep:
   """One step of kind "mimic" (KL + ce_weight * CE + 0.01 aux) or "sft" (CE + 0.01 aux)."""
 
   def __init__(self, kind: str, student, batch, teacher=None, *, trainable: str = "all",
-               ce_weight: float = 1.0, lr: float = 1e-5):
+               ce_weight: float = 1.0, lr: float = 1e-5, threads: int | None = None):
     self.kind, self.student, self.teacher, self.ce_weight = kind, student.train(), teacher, ce_weight
+    self.threads = threads  # torch.set_num_threads before each step (None: leave as is)
     if teacher is not None:
       teacher.eval().requires_grad_(False)
     self.params = trainable_only(student, trainable)
@@ -126,6 +127,8 @@ class TorchStep:
     return loss + AUX_COEF * aux, parts
 
   def __call__(self):
+    if self.threads:
+      torch.set_num_threads(self.threads)
     loss, parts = self.loss()
     loss.backward()
     self.opt.step()
