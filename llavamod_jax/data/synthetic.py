@@ -11,10 +11,9 @@ light background, so the colour at an object's centre is exactly its palette col
 Layout of DIR (image paths in the records are relative to DIR, the image root):
   images/train/000000.png ...   images/eval/000000.png ...
   captions_train.jsonl    one caption record per train image (stage 0, adaptor init)
-  train.jsonl             per train image: the caption record and a multi-turn QA record (colour, count,
-                          position, one POPE "yes" and one POPE "no" question, shuffled)
-  eval.jsonl              single-turn records, one question each, with "task": caption | color | count |
-                          position | pope; the gpt turn is the exact reference answer
+  train.jsonl             single-turn records, one question each, with "task": caption | color | count |
+  eval.jsonl              position | pope (one "yes" and one "no" per image); the gpt turn is the exact
+                          reference answer
   pope_eval.jsonl         POPE-style existence questions, exactly half "yes", "category": random |
                           adversarial (negatives share a colour or a shape with a present object)
   preference_train.jsonl  RLAIF-V style {"id", "image", "question", "chosen", "rejected", ...}: the
@@ -47,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 NAME = "shapes"
-VERSION = 1
+VERSION = 2  # 2: single-question train records
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 160, 50),
@@ -57,6 +56,7 @@ COLORS = {
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle")
+COMBOS = tuple((c, s) for c in COLORS for s in SHAPES)  # the 18 object kinds
 BACKGROUNDS = ((245, 245, 245), (235, 230, 215), (215, 228, 240))
 SPLITS = {"train": 0, "eval": 1}
 MAX_OBJECTS = 4
@@ -98,6 +98,12 @@ class Scene:
       return "right"
     return None
 
+  @classmethod
+  def from_dict(cls, d: dict) -> "Scene":
+    """The inverse of `to_dict` (a line of scenes.jsonl)."""
+    return cls(d["split"], d["index"], d["size"], tuple(d["background"]),
+               tuple(Shape(o["shape"], o["color"], o["x"], o["y"], o["radius"]) for o in d["objects"]))
+
   def to_dict(self) -> dict:
     return {"image": self.image, "split": self.split, "index": self.index, "size": self.size,
             "background": list(self.background),
@@ -119,13 +125,12 @@ def scene(split: str, index: int, seed: int = 0, image_size: int = 64) -> Scene:
   rng = _rng(seed, split, index, 0)
   s = image_size
   background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-  combos = [(c, sh) for c in COLORS for sh in SHAPES]
-  picks = rng.choice(len(combos), size=rng.integers(1, MAX_OBJECTS + 1), replace=False)
+  picks = rng.choice(len(COMBOS), size=rng.integers(1, MAX_OBJECTS + 1), replace=False)
   scale = 1.0
   while True:  # rejection-sample non-overlapping centres; shrink the objects if the layout is stuck
     placed: list[Shape] = []
     for k in picks:
-      color, shape = combos[k]
+      color, shape = COMBOS[k]
       for _ in range(50):
         r = rng.uniform(0.09, 0.15) * s * scale
         x, y = rng.uniform(r + 1, s - r - 1, size=2)
@@ -162,6 +167,24 @@ def png_bytes(pixels: np.ndarray) -> bytes:
   buf = io.BytesIO()
   Image.fromarray(pixels).save(buf, format="PNG")
   return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- labels
+
+LABEL_GROUPS = ("present", "left", "right")
+
+
+def labels(sc: Scene) -> np.ndarray:
+  """Image-level targets, float32 [len(LABEL_GROUPS), len(COMBOS)]: for each (colour, shape) pair,
+  whether it is in the image, and whether it lies wholly on the left / right (`Scene.side`)."""
+  y = np.zeros((len(LABEL_GROUPS), len(COMBOS)), np.float32)
+  for o in sc.objects:
+    k = COMBOS.index((o.color, o.shape))
+    y[0, k] = 1.0
+    side = sc.side(o)
+    if side:
+      y[LABEL_GROUPS.index(side), k] = 1.0
+  return y
 
 
 # ----------------------------------------------------------------------------- wording
@@ -275,15 +298,14 @@ def records(sc: Scene, seed: int = 0) -> dict[str, list[dict]]:
   short = [qa for qa in (color, count, position) if qa is not None]
   out: dict[str, list[dict]] = {"captions": [_conversation(f"{base}-caption", sc, [cap], task="caption")]}
 
-  if sc.split == "train":
-    qas = short + pope_qas(sc, rng)
-    qas = [qas[i] for i in rng.permutation(len(qas))]
-    out["train"] = out["captions"] + [_conversation(f"{base}-qa", sc, qas, task="qa")]
-  else:
-    out["eval"] = out["captions"] + [_conversation(f"{base}-{qa.task}", sc, [qa], task=qa.task)
+  # One question per record in both splits: in one multi-turn record the questions give each other's
+  # answers away (a position question names a present object, which answers a POPE question), and a
+  # model trained on those learns to read the conversation instead of the image (version 1 did).
+  out[sc.split] = out["captions"] + [_conversation(f"{base}-{qa.task}", sc, [qa], task=qa.task)
                                      for qa in short]
-    out["eval"] += [_conversation(f"{base}-pope-{qa.answer}", sc, [qa], task="pope", category="random")
+  out[sc.split] += [_conversation(f"{base}-pope-{qa.answer}", sc, [qa], task="pope", category="random")
                     for qa in pope_qas(sc, rng, "random")]
+  if sc.split == "eval":
     out["pope"] = [_conversation(f"{base}-pope-{cat}-{qa.answer}", sc, [qa], task="pope", category=cat)
                    for cat in ("random", "adversarial") for qa in pope_qas(sc, rng, cat)]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from llavamod_jax import checkpoint, distributed, hf, models, moe
+from llavamod_jax import checkpoint, distributed, fileutil, hf, models, moe
 from llavamod_jax.data import pipeline, sources, synthetic
 from llavamod_jax.models.configs import LlavaConfig, TextConfig, VisionConfig
 from llavamod_jax.train.config import STAGES
@@ -165,7 +165,7 @@ def load_model(src, tokenizer, cfg, *, role: str, teacher=None):
   if src.init == "hf":
     model, params = hf.load(src.hf_dir, dtype=src.dtype, param_dtype=src.param_dtype, remat=src.remat)
   elif src.init == "workdir":
-    model, params = checkpoint.restore_model(Path(src.workdir) / "checkpoints")
+    model, params = checkpoint.restore_model(fileutil.path(src.workdir) / "checkpoints")
   elif src.init == "compose":
     model, params = _compose(src, tokenizer, cfg.seed)
   elif src.init == "demo" and role == "teacher":
@@ -211,6 +211,10 @@ def ensure_demo_teacher(cfg) -> Path:
   tcfg.demo_cache, tcfg.data.shapes = cfg.demo_cache, cfg.data.shapes
   tcfg.total_steps = cfg.demo_teacher_steps
   tcfg.checkpoint_every = max(1, cfg.demo_teacher_steps // 2)
+  if cfg.demo_vision_steps:
+    # A pretrained, frozen tower (as a real LLaVA's CLIP); the LM and projector learn to read it.
+    tcfg.student.init, tcfg.student.hf_dir = "hf", str(_demo_teacher_init(cfg, tcfg))
+    tcfg.trainable = "dense_to_dense"
   log.info("demo teacher not cached: training it first (%d steps) in %s", tcfg.total_steps,
            Path(cfg.demo_cache) / "teacher_run")
   loop.run(tcfg, Path(cfg.demo_cache) / "teacher_run")
@@ -223,6 +227,27 @@ def ensure_demo_teacher(cfg) -> Path:
   return out
 
 
+def _demo_teacher_init(cfg, tcfg) -> Path:
+  """An HF LLaVA to start the demo teacher from: a pretrained tower (train/tower.py), a fresh projector
+  and LM. Every process pretrains the same tower (it is small and seeded); process 0 writes."""
+  from llavamod_jax.train import tower
+
+  out = Path(cfg.demo_cache) / "teacher_init_hf"
+  if distributed.main_value(int((out / "config.json").exists())):
+    return out
+  tokenizer = ensure_demo_tokenizer(cfg)
+  model = models.build(demo_llava(tcfg.student, tokenizer, cfg.data.shapes.image_size))
+  params = models.init_params(model, cfg.seed)
+  log.info("demo teacher: pretraining its vision tower (%d steps)", cfg.demo_vision_steps)
+  params["vision_tower"], _ = tower.pretrain(model.cfg, ensure_shapes(cfg),
+                                             steps=cfg.demo_vision_steps, seed=cfg.seed)
+  if distributed.is_main():
+    hf.save(model, params, out, overwrite=True)
+    tokenizer.save_pretrained(out)
+  distributed.barrier("demo teacher init")
+  return out
+
+
 def tokenizer_for(cfg):
   import transformers
 
@@ -231,9 +256,10 @@ def tokenizer_for(cfg):
   src = cfg.student
   if src.init == "demo":
     return ensure_demo_tokenizer(cfg)
-  path = {"hf": src.hf_dir, "workdir": Path(src.workdir) / "tokenizer",
+  path = {"hf": src.hf_dir, "workdir": fileutil.path(src.workdir) / "tokenizer",
           "compose": src.llm_hf_dir}[src.init]
-  return transformers.AutoTokenizer.from_pretrained(path)
+  with fileutil.local_dir(path) as local:  # a gs:// workdir's tokenizer is read from a local copy
+    return transformers.AutoTokenizer.from_pretrained(local)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 TINY = [  # a few steps of tiny models on a small synthetic set
     "--config.total_steps=8", "--config.log_every=1", "--config.checkpoint_every=3",
-    "--config.demo_teacher_steps=4", "--config.data.shapes.num_train=48",
+    "--config.demo_teacher_steps=4", "--config.demo_vision_steps=3",
+    "--config.data.shapes.num_train=48",
     "--config.data.shapes.num_eval=8", "--config.data.batch_size=4", "--config.final_report=False",
     "--config.data.max_length=96", "--config.data.shapes.image_size=32",
 ]
