@@ -324,7 +324,7 @@ def report(run: dict, profile: bu.Profile, images: Path, out: Path, total_s: flo
               _ep_markdown(results["expert_parallel"])]
   import notes
   lines += ["", "## Proposed changes to package code", "",
-            "Found by these benchmarks; not made here (the benchmark does not edit the package).", "",
+            "Found by these benchmarks; the first is made, the others are open.", "",
             notes.proposals(results)]
   lines += ["", "## Section times", "", "| section | seconds |", "|---|---|"]
   lines += [f"| {k} | {v:.0f} |" for k, v in run["seconds"].items()]
