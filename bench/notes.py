@@ -221,9 +221,8 @@ def memory(res: dict, targets: dict) -> str:
       f"head alone are 2 x {res['vocab']:,} rows) and the teacher's activations "
       f"({r['temp'] - ce_c['temp']:.0f} MiB more temporaries) — the cost of having a teacher, not of "
       "the KL.",
-      "- `steps.make_train_step('sft')` ignores `LossConfig.chunk_size` (see the proposed changes "
-      f"below); the chunked CE row uses a bench-only loss; it would bring the SFT step from "
-      f"{ce['peak']:.0f} to {ce_c['peak']:.0f} MiB.",
+      "- The SFT step honours `LossConfig.chunk_size` (proposed change 2, made): chunked, it takes "
+      f"the SFT step from {ce['peak']:.0f} to {ce_c['peak']:.0f} MiB.",
   ])
 
 
@@ -260,9 +259,9 @@ def proposals(results: dict) -> str:
       "but XLA:CPU lowers it to a dot_general instead of the YNNPACK reduce fusion that was the "
       "slowest op of the step; before the change the einsum step took 0.83-0.88x the time. "
       "bench/parts.py's `token_kl_einsum` variant now compiles the same step twice." + measured,
-      "2. **`train/steps.py` `sft_loss`: honour `LossConfig.chunk_size`** with "
+      "2. **`train/steps.py` `sft_loss`: honour `LossConfig.chunk_size`** — made: "
       "`losses.chunked_cross_entropy` on `hidden_states` (`compute_logits=False`), as `mimic_loss` "
-      "already does; the bench-only version above shows the memory it saves.",
+      "does; the chunked CE row above shows the memory it saves.",
       "3. **`losses.chunked_distillation`: skip chunks with no trained position.** Wrap the chunk "
       "body in `jax.lax.cond(jnp.any(km) | jnp.any(cm), chunk, zeros)` and, when the caller can, "
       "move response positions to the front first (as `steps._by_response` already does for "

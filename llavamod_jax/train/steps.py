@@ -117,8 +117,15 @@ def _by_response(x, mask):
 def sft_loss(student, cfg: LossConfig):
   def fn(params, teacher_params, batch, rng, train):
     del teacher_params
-    out, moe_state = _apply(student, params, batch, train=train, rng=rng)
-    ce = losses.cross_entropy(out.logits, batch["labels"])
+    chunked = cfg.chunk_size > 0  # no full-vocabulary logits (bench/mimic_memory.py)
+    out, moe_state = _apply(student, params, batch, train=train, rng=rng, logits=not chunked)
+    if chunked:
+      head = lambda h: student.apply({"params": params}, h, method=student.logits)  # noqa: E731
+      targets, mask = losses.next_token_targets(batch["labels"])
+      ce = losses.chunked_cross_entropy(out.hidden_states, head, targets, mask,
+                                        chunk_size=cfg.chunk_size)
+    else:
+      ce = losses.cross_entropy(out.logits, batch["labels"])
     aux, aux_metrics = _aux_terms(moe_state, cfg)
     loss = ce + aux
     return loss, {"loss": loss, "ce": ce, **aux_metrics, **_moe_metrics(moe_state)}

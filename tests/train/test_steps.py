@@ -122,6 +122,21 @@ def test_chunked_mimic_equals_unchunked(lms, shift_mask):
     np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)
 
 
+def test_chunked_sft_equals_unchunked(lms):
+  _, _, student, sp = lms
+  batch = _batch(np.random.default_rng(4))
+  out = {}
+  for chunk in (0, 5):
+    f = steps.loss_fn("sft", student, None, steps.LossConfig(chunk_size=chunk))
+    out[chunk] = jax.value_and_grad(lambda p: f(p, None, batch, None, True), has_aux=True)(sp)
+  (v0, m0), g0 = out[0]
+  (v1, m1), g1 = out[5]
+  assert float(v1) == pytest.approx(float(v0), rel=1e-5)
+  assert float(m1["ce"]) == pytest.approx(float(m0["ce"]), rel=1e-5)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)
+
+
 def test_mimic_kl_matches_a_direct_computation(lms):
   teacher, tp, student, sp = lms
   batch = _batch(np.random.default_rng(3))
