@@ -233,3 +233,13 @@ def batch_arrays(vocab: int, batch: int, seq: int, prompt_frac: float = 0.25, se
 
 def fmt_rate(x: float) -> str:
   return f"{x:,.0f}"
+
+
+def section_main(run: Callable, markdown: Callable) -> None:
+  """The command line of a section run on its own: `python bench/<section>.py [--quick]`."""
+  import argparse
+
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--quick", action="store_true")
+  args = ap.parse_args()
+  print(markdown(run(QUICK if args.quick else FULL)))

@@ -9,7 +9,6 @@ Peak = arguments + outputs + temporaries - donated aliases (what the step needs 
 
 from __future__ import annotations
 
-import argparse
 
 import flax.linen as nn
 import jax
@@ -105,10 +104,7 @@ def markdown(res: dict) -> str:
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--quick", action="store_true")
-  args = ap.parse_args()
-  print(markdown(run(bu.QUICK if args.quick else bu.FULL)))
+  bu.section_main(run, markdown)
 
 
 if __name__ == "__main__":

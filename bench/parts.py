@@ -13,7 +13,6 @@ summed by category.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import glob
@@ -288,10 +287,7 @@ def markdown(res: dict) -> str:
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--quick", action="store_true")
-  args = ap.parse_args()
-  print(markdown(run(bu.QUICK if args.quick else bu.FULL)))
+  bu.section_main(run, markdown)
 
 
 if __name__ == "__main__":

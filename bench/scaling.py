@@ -10,7 +10,6 @@ interleaved.
 
 from __future__ import annotations
 
-import argparse
 
 import benchutil as bu
 import jax_steps as js
@@ -115,10 +114,7 @@ def plot(res: dict, path) -> None:
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--quick", action="store_true")
-  args = ap.parse_args()
-  print(markdown(run(bu.QUICK if args.quick else bu.FULL)))
+  bu.section_main(run, markdown)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 
@@ -186,11 +185,7 @@ def markdown(res: dict) -> str:
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--quick", action="store_true")
-  args = ap.parse_args()
-  res = run(bu.QUICK if args.quick else bu.FULL)
-  print(markdown(res))
+  bu.section_main(run, markdown)
 
 
 if __name__ == "__main__":
