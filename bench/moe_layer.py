@@ -35,13 +35,15 @@ VARIANTS = {
 def _train_fn(module, x, train_kw):
   params = nn.unbox(jax.jit(lambda: module.init(jax.random.key(0), x, **train_kw))()["params"])
 
+  # Gradients of the parameters and of the input: inside a model a layer's input gradient is always
+  # needed (the layers below), and without it XLA would drop the reference's input-gradient matmuls.
   @jax.jit
   def step(p, x):
-    def loss(p):
+    def loss(p, x):
       out = module.apply({"params": p}, x, **train_kw, mutable=["moe"])
       out = out[0] if isinstance(out, tuple) else out
       return jnp.mean(out.astype(jnp.float32) ** 2)
-    return jax.grad(loss)(p)
+    return jax.grad(loss, argnums=(0, 1))(p, x)
 
   return lambda: jax.block_until_ready(step(params, x))
 
@@ -77,7 +79,7 @@ def run(profile: bu.Profile, log=print) -> dict:
 def markdown(res: dict) -> str:
   names = [n for n in res["rows"][0]["ratios"] if n != REFERENCE]
   lines = [
-      f"Forward + backward of one MoE block, {res['tokens']:,} tokens, hidden {res['hidden']}, expert "
+      f"Forward + backward (gradients of the parameters and of the input) of one MoE block, {res['tokens']:,} tokens, hidden {res['hidden']}, expert "
       f"width {res['inter']}, median of {res['repeats']} interleaved runs. Reference: a SwiGLU FFN of "
       f"width k x {res['inter']} (the same active FLOPs per token); cells are time / reference. "
       "`dropless-blocked` (block 128) is the CPU default; `-64` is the same kernel with "

@@ -4,9 +4,10 @@ Four ways to run the experts (config `moe_dispatch` / `moe_impl`), all computing
 when nothing is dropped:
   * dropless "ragged": sort the (token, choice) pairs by expert, one grouped matmul per projection
     (`jax.lax.ragged_dot`), unsort and combine — k/E of the dense FLOPs; the default off CPU;
-  * dropless "blocked": the same sort, each expert's rows padded to whole blocks and one batched
-    matmul over blocks with per-block expert weights — plain matmuls, the default on CPU where
-    ragged_dot is slow (bench/moe_layer.py);
+  * dropless "blocked": the same sort, then a loop over the experts and over the blocks of
+    `moe_block_size` rows holding each expert's rows -- plain matmuls whose count follows the
+    routing, with a custom backward pass; the default on CPU, where ragged_dot is slow
+    (bench/moe_layer.py);
   * dropless "dense": every expert on every token, combined with the (mostly zero) routing weights —
     E/k x the FLOPs; a simple reference;
   * "capacity": [experts, capacity] slot buffers as in GShard, with the original's capacity factor
@@ -75,31 +76,131 @@ class Experts(nn.Module):
     return jnp.einsum("eti,eih->eth", h, wd)
 
 
-def blocked_swiglu(x, experts_sorted, group_sizes, wg, wu, wd, *, block: int):
-  """Grouped SwiGLU without ragged kernels: each expert's rows padded to whole blocks of `block`
-  rows, every block multiplied by its own expert's weights in one batched matmul.
+def _blocks(group_sizes, block: int):
+  """Per expert: the first sorted row and the number of `block`-row blocks covering its rows."""
+  starts = jnp.cumsum(group_sizes) - group_sizes
+  return starts, (group_sizes + block - 1) // block
 
-  x: [rows, hidden] sorted by expert (`experts_sorted` [rows]; a row of expert >= num_experts is
-  skipped and gives zero) -> [rows, hidden]. The padding costs at most experts x block extra rows;
-  gathering weights per block costs 1/block of the FLOPs.
-  """
+
+def _vma(x) -> frozenset:
+  return jax.typeof(x).manual_axis_type.varying
+
+
+def _varying_like(x, ref):
+  """`x` marked as varying over the manual mesh axes `ref` varies over (inside `shard_map`, a loop's
+  carry must have its body's type); a no-op outside."""
+  axes = tuple(sorted(_vma(ref) - _vma(x)))
+  return jax.lax.pcast(x, axes, to="varying") if axes else x
+
+
+def _summed_like(grad, ref):
+  """The gradient of an input that varies over fewer manual axes than its uses (expert weights
+  shared by a device's token rows): summed over the extra axes, as autodiff of the implicit
+  broadcast would."""
+  axes = tuple(sorted(_vma(grad) - _vma(ref)))
+  return jax.lax.psum(grad, axes) if axes else grad
+
+
+def _blocked_forward(x, group_sizes, wg, wu, wd, block: int):
+  """(out [rows, hidden], gate and up pre-activations [rows + block, inter] for the backward pass)."""
   rows, hidden = x.shape
-  num_experts = group_sizes.shape[0]
-  padded = (group_sizes + block - 1) // block * block
-  pad_start = jnp.cumsum(padded) - padded  # [experts]
-  start = jnp.cumsum(group_sizes) - group_sizes
-  num_blocks = -(-(rows + num_experts * (block - 1)) // block)  # static upper bound
-  owner = jnp.minimum(experts_sorted, num_experts - 1)
-  dest = jnp.where(experts_sorted < num_experts,
-                   pad_start[owner] + jnp.arange(rows) - start[owner], num_blocks * block)  # [rows]
-  block_owner = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_blocks) * block, side="right")
-  block_owner = jnp.minimum(block_owner, num_experts - 1)
-  xb = (jnp.zeros((num_blocks * block, hidden), x.dtype).at[dest].set(x, mode="drop")
-        .reshape(num_blocks, block, hidden))
-  h = (jax.nn.silu(jnp.einsum("nbh,nhi->nbi", xb, wg[block_owner]))
-       * jnp.einsum("nbh,nhi->nbi", xb, wu[block_owner]))
-  out = jnp.einsum("nbi,nih->nbh", h, wd[block_owner]).reshape(num_blocks * block, hidden)
-  return out.at[dest].get(mode="fill", fill_value=0)
+  inter = wg.shape[2]
+  starts, num_blocks = _blocks(group_sizes, block)
+  xp = jnp.pad(x, ((0, block), (0, 0)))  # a last block may run past the rows
+  zeros = lambda width: _varying_like(jnp.zeros((rows + block, width), x.dtype), x)
+
+  def expert(e, carry):
+    wge, wue, wde = wg[e], wu[e], wd[e]
+
+    def one_block(j, carry):
+      out, gate, up = carry
+      r0 = starts[e] + j * block
+      xb = jax.lax.dynamic_slice_in_dim(xp, r0, block)
+      a, u = xb @ wge, xb @ wue
+      y = (jax.nn.silu(a) * u) @ wde
+      # The block's rows past this expert's belong to later experts (or to none): overwritten by
+      # them, or zeroed below.
+      put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, r0, 0)
+      return put(out, y), put(gate, a), put(up, u)
+
+    return jax.lax.fori_loop(0, num_blocks[e], one_block, carry)
+
+  out, gate, up = jax.lax.fori_loop(0, wg.shape[0], expert, (zeros(hidden), zeros(inter), zeros(inter)))
+  routed = (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
+  return jnp.where(routed, out[:rows], 0), (gate, up)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _blocked(x, group_sizes, wg, wu, wd, block):
+  return _blocked_forward(x, group_sizes, wg, wu, wd, block)[0]
+
+
+def _blocked_fwd(x, group_sizes, wg, wu, wd, block):
+  out, (gate, up) = _blocked_forward(x, group_sizes, wg, wu, wd, block)
+  return out, (x, group_sizes, wg, wu, wd, gate, up)
+
+
+def _blocked_bwd(block, res, dout):
+  """The same loop backwards: each block's input gradient, and its expert's weight gradients summed
+  in the loop (fp32) -- no per-block weight copies, no scatter-add."""
+  x, group_sizes, wg, wu, wd, gate, up = res
+  rows, hidden = x.shape
+  starts, num_blocks = _blocks(group_sizes, block)
+  xp = jnp.pad(x, ((0, block), (0, 0)))
+  dp = jnp.pad(dout, ((0, block), (0, 0)))
+  f32 = jnp.float32
+
+  def expert(e, carry):
+    dx, dwg, dwu, dwd = carry
+    wge, wue, wde = wg[e], wu[e], wd[e]
+
+    def one_block(j, carry):
+      dx, gg, gu, gd = carry
+      r0 = starts[e] + j * block
+      take = lambda buf: jax.lax.dynamic_slice_in_dim(buf, r0, block)
+      mine = (j * block + jnp.arange(block) < group_sizes[e])[:, None]
+      xb, a, u = take(xp), take(gate), take(up)
+      dy = jnp.where(mine, take(dp), 0)  # rows of later experts add nothing to this one's weights
+      sig = jax.nn.sigmoid(a)
+      silu = a * sig
+      gd = gd + jnp.dot((silu * u).T, dy, preferred_element_type=f32)
+      dh = dy @ wde.T
+      da = dh * u * sig * (1 + a * (1 - sig))
+      du = dh * silu
+      gg = gg + jnp.dot(xb.T, da, preferred_element_type=f32)
+      gu = gu + jnp.dot(xb.T, du, preferred_element_type=f32)
+      dxb = da @ wge.T + du @ wue.T
+      return jax.lax.dynamic_update_slice_in_dim(dx, dxb, r0, 0), gg, gu, gd
+
+    acc = lambda w: _varying_like(jnp.zeros(w.shape[1:], f32), x)
+    dx, gg, gu, gd = jax.lax.fori_loop(0, num_blocks[e], one_block, (dx, acc(wg), acc(wu), acc(wd)))
+    return (dx, dwg.at[e].set(gg.astype(wg.dtype)), dwu.at[e].set(gu.astype(wu.dtype)),
+            dwd.at[e].set(gd.astype(wd.dtype)))
+
+  init = tuple(_varying_like(jnp.zeros(shape, dtype), x) for shape, dtype in
+               (((rows + block, hidden), x.dtype), (wg.shape, wg.dtype), (wu.shape, wu.dtype),
+                (wd.shape, wd.dtype)))
+  dx, dwg, dwu, dwd = jax.lax.fori_loop(0, wg.shape[0], expert, init)
+  routed = (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
+  return (jnp.where(routed, dx[:rows], 0), None, _summed_like(dwg, wg), _summed_like(dwu, wu),
+          _summed_like(dwd, wd))
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def blocked_swiglu(x, experts_sorted, group_sizes, wg, wu, wd, *, block: int):
+  """Grouped SwiGLU from plain matmuls: a loop over the experts and, inside, over the blocks of
+  `block` sorted rows that hold each one's rows.
+
+  x: [rows, hidden] sorted by expert, group_sizes [experts] -> [rows, hidden]; rows past the groups
+  give zero. (`experts_sorted` is unused; the signature matches `ragged_swiglu`'s.) The loops' trip
+  counts are the routing's own block counts, so the work is the routed rows plus at most one partial
+  block per expert -- not a static worst case -- and each expert's weights are read in place
+  (bench/moe_layer.py). A custom VJP runs the same loops backwards.
+  """
+  del experts_sorted
+  return _blocked(x, group_sizes, wg, wu, wd, block)
 
 
 def ragged_swiglu(x, experts_sorted, group_sizes, wg, wu, wd):
