@@ -160,7 +160,10 @@ def final_line(results: dict, seconds: float) -> str:
     rows = results["train_step"]["rows"]
     r = rows[0]
     parts.append(f"mimic x{r['ratio']:.2f} transformers ({r['ours_tps']:,.0f} vs {r['torch_tps']:,.0f} tok/s)")
-    parts.append(", ".join(f"{x['name'].split(' (')[0]} x{x['ratio']:.2f}" for x in rows[2:]))
+    resp = [x for x in rows if "response_frac" in x]
+    parts += [f"mimic {x['response_frac']:.0%} response x{x['ratio']:.2f}" for x in resp]
+    parts.append(", ".join(f"{x['name'].split(' (')[0]} x{x['ratio']:.2f}" for x in rows[2:]
+                           if "response_frac" not in x))
     parts.append(f"MFU {r['mfu']:.0%}")
   if "moe_layer" in results:
     res = results["moe_layer"]

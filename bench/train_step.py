@@ -12,6 +12,10 @@ import benchutil as bu
 import jax_steps as js
 
 
+RESPONSE_FRAC = 0.35  # trained share of each row in the response-only mimic row
+RESPONSE_CHUNK = 128  # its loss chunk: a whole number of chunks is skipped
+
+
 def _torch():
   import torch
   import transformers
@@ -77,6 +81,10 @@ def run(profile: bu.Profile, log=print) -> dict:
 
   # --- mimic ---------------------------------------------------------------------------------
   chunk = min(512, p.seq)
+  # A LLaVA-like row: image tokens, system prompt and question untrained, the answer (the last
+  # RESPONSE_FRAC of the row) trained; the chunked loss computes logits only where it is trained.
+  resp_batch = bu.batch_arrays(p.vocab, p.batch, p.seq, prompt_frac=1 - RESPONSE_FRAC)
+  resp_chunk = min(RESPONSE_CHUNK, p.seq)
   fns = {
       "ours": js.make_step("mimic", student, sparams, teacher, tparams, batch=batch, trainable="ffn"),
       "ours_chunked": js.make_step("mimic", student, sparams, teacher, tparams, batch=batch,
@@ -85,6 +93,12 @@ def run(profile: bu.Profile, log=print) -> dict:
                             threads=bu.cores()),
       "torch_1t": ts.TorchStep("mimic", ts.load(student, sparams), batch, t_teacher, trainable="ffn",
                                threads=1),
+      "ours_resp": js.make_step("mimic", student, sparams, teacher, tparams, batch=resp_batch,
+                                trainable="ffn", chunk_size=resp_chunk),
+      "torch_resp": ts.TorchStep("mimic", ts.load(student, sparams), resp_batch, t_teacher,
+                                 trainable="ffn", threads=bu.cores()),
+      "torch_resp_1t": ts.TorchStep("mimic", ts.load(student, sparams), resp_batch, t_teacher,
+                                    trainable="ffn", threads=1),
   }
   first = {n: _loss(f()) for n, f in fns.items()}  # compile + the losses at the shared start weights
   times = bu.interleaved(fns, p.step_repeats, warmup=0)
@@ -93,8 +107,14 @@ def run(profile: bu.Profile, log=print) -> dict:
                    js.xla_flops(fns["ours"]), peak, first["ours"], first["torch"]))
   rows.append(_row(f"mimic, chunked KL ({chunk} positions)", times, "ours_chunked", tokens,
                    flops, js.xla_flops(fns["ours_chunked"]), peak, first["ours_chunked"], first["torch"]))
-  log(_summary(rows[-2]))
-  log(_summary(rows[-1]))
+  resp = {"ours_resp": times["ours_resp"], "torch": times["torch_resp"],
+          "torch_1t": times["torch_resp_1t"]}
+  rows.append(_row(f"mimic, {100 * RESPONSE_FRAC:.0f}% response positions, chunked KL "
+                   f"({resp_chunk} positions)", resp, "ours_resp", tokens, flops,
+                   js.xla_flops(fns["ours_resp"]), peak, first["ours_resp"], first["torch_resp"]))
+  rows[-1]["response_frac"] = RESPONSE_FRAC
+  for r in rows:
+    log(_summary(r))
   del fns
 
   # --- SFT: dense student (Qwen2), MoE student (Qwen2-MoE) ---------------------------------------
@@ -134,7 +154,13 @@ Three steps, each timed interleaved (ours, transformers, ours, transformers, ...
 **mimic**, the paper's dense-to-sparse stage 1b (teacher forward without gradient + MoE student
 forward/backward + AdamW; loss KL(teacher || student) + CE + 0.01 x load balancing; FFN / experts /
 router trainable), ours with the full-logits KL and with the paper recipe's chunked KL
-(`LossConfig.chunk_size=512`); **dense SFT** of the student before upcycling (Qwen2) and **MoE SFT**
+(`LossConfig.chunk_size=512`), on rows whose last 75% of positions are trained; then the chunked step
+again on LLaVA-like rows where only the last 35% (the answer) is trained and the rest (image tokens,
+system prompt, question) is not: the chunked loss moves each row's trained positions to its front and
+skips the chunks (128 positions) that hold none, so both LM heads and the softmax / KL / CE over the
+vocabulary run on the trained positions only. transformers computes the full logits of every
+position there, as the original LLaVA-MoD code does (its MFU column counts the same analytic FLOPs,
+full LM heads included, for both sides). **dense SFT** of the student before upcycling (Qwen2) and **MoE SFT**
 of the upcycled student (Qwen2-MoE), every parameter trainable, CE (+ aux). Both sides start from the
 same weights (ours exported with `hf.save`, loaded by `from_pretrained`), so the first step's losses
 must agree (last column). Text-only language models: the step benchmark leaves out the vision tower,
@@ -146,8 +172,9 @@ router), the full [seq, seq] attention matrix (QK^T and PV, no causal discount, 
 and the LM head; the teacher forward once; the student forward once, activation gradients twice the
 forward (attention's two matmul inputs both need gradients) and weight gradients once per trainable
 matmul. Elementwise work (softmax, RMSNorm, SwiGLU, the KL over the vocabulary, Adam) is not counted.
-"XLA GFLOP" is XLA's cost analysis of the compiled step: it adds the blocked MoE kernel's padding
-rows, the chunked loss's recomputation and elementwise ops.\
+"XLA GFLOP" is XLA's cost analysis of the compiled step: it adds the chunked loss's recomputation
+and elementwise ops, and counts the MoE kernel's and the chunk loop's bodies once per loop (XLA does
+not know their trip counts).\
 """
 
 

@@ -169,3 +169,75 @@ def test_chunked_equals_unchunked_value_and_gradient(chunk_size, shift):
   assert float(v2) == pytest.approx(float(v1), rel=1e-5)
   for a, c in zip(g1, g2):
     np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-6)
+
+
+def _sparse_masks(b, s, counts, vocab, rng, prompt=3):
+  """Labels with `counts[r]` trained tokens in row r after a `prompt` of ignored positions (a
+  LLaVA-like response-only mask; rows of different lengths, the rest padding)."""
+  ids = rng.integers(0, vocab, (b, s))
+  labels = np.full((b, s), IGN)
+  for r, n in enumerate(counts):
+    labels[r, prompt:prompt + n] = ids[r, prompt:prompt + n]
+  return jnp.asarray(labels)
+
+
+@pytest.mark.parametrize("counts,chunk_size", [
+    ((4, 9), 2),   # rows with different numbers of trained positions; chunks left empty
+    ((0, 5), 4),   # a row with nothing trained
+    ((0, 0), 3),   # nothing trained at all: both losses 0 with zero gradients
+    ((13, 13), 5),  # everything after the prompt trained: no chunk is empty
+])
+def test_chunked_skips_empty_chunks_value_and_gradient(counts, chunk_size):
+  rng = np.random.default_rng(9)
+  b, s, h, vs, vt = 2, 17, 6, 9, 11
+  hs = jnp.asarray(rng.standard_normal((b, s, h)), jnp.float32)
+  ht = jnp.asarray(rng.standard_normal((b, s, h)), jnp.float32)
+  ws = jnp.asarray(rng.standard_normal((h, vs)), jnp.float32)
+  wt = jnp.asarray(rng.standard_normal((h, vt)), jnp.float32)
+  labels = _sparse_masks(b, s, counts, vs, rng)
+  kl_mask = losses.distill_mask(labels, shift=False)  # differs from ce_mask by one position
+  targets, ce_mask = losses.next_token_targets(labels)
+
+  def full(hs, ws):
+    return (losses.kl_distillation(hs @ ws, ht @ wt, kl_mask) + losses.cross_entropy(hs @ ws, labels)
+            + 0.5 * losses.cross_entropy(hs @ ws, labels))
+
+  def chunked(hs, ws):
+    out = losses.chunked_distillation(hs, ht, lambda x: x @ ws, lambda x: x @ wt, kl_mask, targets,
+                                      ce_mask, chunk_size=chunk_size)
+    ce = losses.chunked_cross_entropy(hs, lambda x: x @ ws, targets, ce_mask, chunk_size=chunk_size)
+    return out["kl"] + out["ce"] + 0.5 * ce
+
+  v1, g1 = jax.value_and_grad(full, argnums=(0, 1))(hs, ws)
+  v2, g2 = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(hs, ws)
+  assert float(v2) == pytest.approx(float(v1), rel=1e-5, abs=1e-7)
+  for a, c in zip(g1, g2):
+    np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_runs_the_heads_only_on_chunks_with_trained_positions():
+  """Trained positions move to the front of their rows; the chunks after the longest row's are not
+  computed (the head's host callback counts the chunks that run)."""
+  rng = np.random.default_rng(10)
+  b, s, h, v = 2, 24, 4, 5
+  hs, ht = (jnp.asarray(rng.standard_normal((b, s, h)), jnp.float32) for _ in range(2))
+  w = jnp.asarray(rng.standard_normal((h, v)), jnp.float32)
+  labels = _sparse_masks(b, s, (3, 7), v, rng, prompt=10)  # 7 trained -> 2 of 6 chunks of 4
+  kl_mask = losses.distill_mask(labels)
+  targets, ce_mask = losses.next_token_targets(labels)
+  calls = []
+
+  def head(x):
+    jax.debug.callback(lambda: calls.append(1))
+    return x @ w
+
+  out = jax.jit(lambda hs: losses.chunked_distillation(hs, ht, head, lambda x: x @ w, kl_mask,
+                                                       targets, ce_mask, chunk_size=4))(hs)
+  jax.block_until_ready(out)
+  jax.effects_barrier()
+  assert len(calls) == 2
+  calls.clear()
+  jax.block_until_ready(jax.jit(lambda hs: losses.chunked_cross_entropy(
+      hs, head, targets, ce_mask, chunk_size=4))(hs))
+  jax.effects_barrier()
+  assert len(calls) == 2

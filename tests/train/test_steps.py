@@ -137,6 +137,28 @@ def test_chunked_sft_equals_unchunked(lms):
     np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["mimic", "sft"])
+def test_chunked_response_only_rows_equal_unchunked(lms, kind):
+  """LLaVA-like rows: a long untrained prompt, answers of different lengths (one row without any);
+  the chunked losses compute logits only for the chunks that hold trained positions."""
+  teacher, tp, student, sp = lms
+  batch = _batch(np.random.default_rng(6), s=16, prompt=9)
+  labels = batch["labels"].at[1, 12:].set(IGN).at[3, :].set(IGN)  # answers of 5, 3, 7 and 0 tokens
+  batch = {**batch, "labels": labels}
+  out = {}
+  for chunk in (0, 3):
+    f = steps.loss_fn(kind, student, teacher, steps.LossConfig(ce_weight=1.0, chunk_size=chunk))
+    out[chunk] = jax.value_and_grad(lambda p, f=f: f(p, tp, batch, None, True), has_aux=True)(sp)
+  (v0, m0), g0 = out[0]
+  (v1, m1), g1 = out[3]
+  assert float(v1) == pytest.approx(float(v0), rel=1e-5)
+  for name in ("kl", "ce"):
+    if name in m0:
+      assert float(m1[name]) == pytest.approx(float(m0[name]), rel=1e-5)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)
+
+
 def test_mimic_kl_matches_a_direct_computation(lms):
   teacher, tp, student, sp = lms
   batch = _batch(np.random.default_rng(3))
