@@ -144,10 +144,8 @@ def scene(split: str, index: int, seed: int = 0, image_size: int = 64) -> Scene:
     scale *= 0.9
 
 
-def render(sc: Scene) -> np.ndarray:
-  """The scene's pixels, uint8 [size, size, 3]; hard edges, pixel centres at (i + 0.5)."""
-  img = np.empty((sc.size, sc.size, 3), np.uint8)
-  img[...] = sc.background
+def _masks(sc: Scene):
+  """(object, boolean pixel mask [size, size]) for each object, in drawing order."""
   ys, xs = np.mgrid[0:sc.size, 0:sc.size] + 0.5
   for o in sc.objects:
     dx, dy = xs - o.x, ys - o.y
@@ -159,6 +157,14 @@ def render(sc: Scene) -> np.ndarray:
     else:  # an upward equilateral triangle with its centroid at the centre, inscribed in the circle
       depth = dy + o.radius  # from the apex down to the base at dy = radius / 2
       mask = (depth >= 0) & (dy <= o.radius / 2) & (np.abs(dx) <= depth / np.sqrt(3))
+    yield o, mask
+
+
+def render(sc: Scene) -> np.ndarray:
+  """The scene's pixels, uint8 [size, size, 3]; hard edges, pixel centres at (i + 0.5)."""
+  img = np.empty((sc.size, sc.size, 3), np.uint8)
+  img[...] = sc.background
+  for o, mask in _masks(sc):
     img[mask] = COLORS[o.color]
   return img
 
@@ -171,20 +177,23 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 
 # ----------------------------------------------------------------------------- labels
 
-LABEL_GROUPS = ("present", "left", "right")
+BACKGROUND = len(COMBOS)  # the patch label of a patch with (almost) no object pixels
 
 
-def labels(sc: Scene) -> np.ndarray:
-  """Image-level targets, float32 [len(LABEL_GROUPS), len(COMBOS)]: for each (colour, shape) pair,
-  whether it is in the image, and whether it lies wholly on the left / right (`Scene.side`)."""
-  y = np.zeros((len(LABEL_GROUPS), len(COMBOS)), np.float32)
-  for o in sc.objects:
-    k = COMBOS.index((o.color, o.shape))
-    y[0, k] = 1.0
-    side = sc.side(o)
-    if side:
-      y[LABEL_GROUPS.index(side), k] = 1.0
-  return y
+def patch_labels(sc: Scene, patch: int, min_fraction: float = 0.125) -> np.ndarray:
+  """Dense targets for a vision tower, int32 [(size // patch) ** 2] in row-major patch order: the
+  index in COMBOS of the (colour, shape) kind that covers most of the patch's pixels, if it covers at
+  least `min_fraction` of them, else BACKGROUND."""
+  if sc.size % patch:
+    raise ValueError(f"patch {patch} does not divide the image size {sc.size}")
+  n = sc.size // patch
+  cover = np.zeros((n * n, len(COMBOS)), np.int64)
+  for o, mask in _masks(sc):
+    per_patch = mask.reshape(n, patch, n, patch).sum((1, 3)).reshape(-1)
+    cover[:, COMBOS.index((o.color, o.shape))] += per_patch
+  best = cover.argmax(1)
+  enough = cover.max(1) >= min_fraction * patch * patch
+  return np.where(enough, best, BACKGROUND).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- wording

@@ -212,9 +212,12 @@ def ensure_demo_teacher(cfg) -> Path:
   tcfg.total_steps = cfg.demo_teacher_steps
   tcfg.checkpoint_every = max(1, cfg.demo_teacher_steps // 2)
   if cfg.demo_vision_steps:
-    # A pretrained, frozen tower (as a real LLaVA's CLIP); the LM and projector learn to read it.
+    # A pretrained, frozen tower (as a real LLaVA's CLIP) and a fixed projector that passes its
+    # standardised features on; the LM learns to read them. A projector trained along with the
+    # from-scratch LM collapses: within 100 steps its outputs grow ~100x in one shared direction and
+    # the image tokens no longer differ, so the LM answers from the question alone.
     tcfg.student.init, tcfg.student.hf_dir = "hf", str(_demo_teacher_init(cfg, tcfg))
-    tcfg.trainable = "dense_to_dense"
+    tcfg.trainable = "llm"
   log.info("demo teacher not cached: training it first (%d steps) in %s", tcfg.total_steps,
            Path(cfg.demo_cache) / "teacher_run")
   loop.run(tcfg, Path(cfg.demo_cache) / "teacher_run")
@@ -229,7 +232,8 @@ def ensure_demo_teacher(cfg) -> Path:
 
 def _demo_teacher_init(cfg, tcfg) -> Path:
   """An HF LLaVA to start the demo teacher from: a pretrained tower (train/tower.py), a fresh projector
-  and LM. Every process pretrains the same tower (it is small and seeded); process 0 writes."""
+  reading standardised features (`tower.projector_init`) and a fresh LM. Every process pretrains the
+  same tower (it is small and seeded); process 0 writes."""
   from llavamod_jax.train import tower
 
   out = Path(cfg.demo_cache) / "teacher_init_hf"
@@ -239,8 +243,12 @@ def _demo_teacher_init(cfg, tcfg) -> Path:
   model = models.build(demo_llava(tcfg.student, tokenizer, cfg.data.shapes.image_size))
   params = models.init_params(model, cfg.seed)
   log.info("demo teacher: pretraining its vision tower (%d steps)", cfg.demo_vision_steps)
-  params["vision_tower"], _ = tower.pretrain(model.cfg, ensure_shapes(cfg),
-                                             steps=cfg.demo_vision_steps, seed=cfg.seed)
+  root = ensure_shapes(cfg)
+  params["vision_tower"], _ = tower.pretrain(model.cfg, root, steps=cfg.demo_vision_steps,
+                                             seed=cfg.seed)
+  pixels, _ = tower.load_split(root, "train", model.cfg, limit=256)
+  params["multi_modal_projector"] = tower.projector_init(
+      model.cfg, params["multi_modal_projector"], params["vision_tower"], pixels)
   if distributed.is_main():
     hf.save(model, params, out, overwrite=True)
     tokenizer.save_pretrained(out)

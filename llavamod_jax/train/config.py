@@ -53,8 +53,8 @@ def base() -> ml_collections.ConfigDict:
   c.eval_batches = 4
   c.nan_policy = "stop"  # stop | skip (a non-finite step never updates the state either way)
   c.demo_cache = "workdirs/demo_cache"  # synthetic data, tokenizer and demo teacher live here
-  c.demo_teacher_steps = 800  # training steps of the demo teacher when it is not cached yet
-  c.demo_vision_steps = 1000  # demo teacher's vision-tower pretraining steps (0: none; train/tower.py)
+  c.demo_teacher_steps = 1600  # training steps of the demo teacher when it is not cached yet
+  c.demo_vision_steps = 600  # demo teacher's vision-tower pretraining steps (0: none; train/tower.py)
   c.final_report = True  # evaluate student (and teacher) on held-out data at the end
 
   c.mesh = {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1}
@@ -71,7 +71,7 @@ def base() -> ml_collections.ConfigDict:
       "tokenizer": "",  # "" -> the student's HF dir (or the demo tokenizer)
       "template": "qwen",
       "image_aspect": "pad",
-      "max_length": 160,
+      "max_length": 128,
       "batch_size": 16,
       "images_per_sample": 1,
       "worker_count": 0,

@@ -21,6 +21,8 @@ STAGE_TRAINABLE = {
     "dense_to_sparse": (r"language_model/layers_\d+/mlp/.*", r"multi_modal_projector/.*"),
     "preference": (r"language_model/layers_\d+/mlp/.*", r"multi_modal_projector/.*"),
     "all": (r".*",),
+    # The language model alone (the demo teacher: pretrained tower, fixed projector; train/build.py).
+    "llm": (r"language_model/.*",),
 }
 
 

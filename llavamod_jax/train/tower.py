@@ -1,13 +1,18 @@
-"""The demo's vision-tower pretraining: the tiny ViT learns to see the shapes before LLaVA is trained.
+"""The demo's vision-tower pretraining, and the projector's starting point for the demo teacher.
 
 A real LLaVA starts from a pretrained CLIP tower. Trained from scratch through the language model's
-loss instead, the demo's tower learns colours within a few hundred steps but not shapes, and the
-language model stays close to blind. So the demo does what CLIP pretraining does for a real LLaVA, on
-the train split's ground truth (`scenes.jsonl`): for each of the 18 (colour, shape) kinds, whether it
-is in the image and whether it lies wholly on the left / right (`synthetic.labels`). A linear head reads
-each patch feature that LLaVA will read (`hidden_states[vision_feature_layer]`, class token dropped as
-the "default" strategy does) and the image-level logit is a soft maximum over the patches, so every
-patch learns to say what it shows. The head is thrown away; LLaVA training then keeps the tower frozen.
+loss instead, the demo's tiny LLaVA stays blind. So the demo does what CLIP pretraining does for a real
+LLaVA, on the train split's ground truth (`scenes.jsonl`): every patch feature that LLaVA will read
+(`hidden_states[vision_feature_layer]`, class token dropped as the "default" strategy does) learns, with
+a linear head, which of the 18 (colour, shape) kinds covers that patch, or background
+(`synthetic.patch_labels`). The head is thrown away; LLaVA training keeps the tower frozen. Dense
+per-patch targets matter: an image-level target ("is there a red circle anywhere", pooled over the
+patches) trained a tower whose single patches told shapes apart no better than a random tower's, and
+the language model must find an object's patches by what each one says.
+
+`projector_init` then starts the LLaVA projector from standardised features: the tower's hidden states
+carry a large constant part (norm ~300 against a patch-to-patch spread of ~3), which a fresh projector
+passes on, so the image tokens all look alike to the language model after its RMSNorm.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -28,64 +34,90 @@ from llavamod_jax.models.configs import LlavaConfig
 from llavamod_jax.models.vision import VisionTower
 
 log = logging.getLogger(__name__)
+NUM_CLASSES = len(synthetic.COMBOS) + 1  # the kinds and BACKGROUND
+BACKGROUND_WEIGHT = 0.2  # most patches are background; their loss counts this much
+
+
+def features(cfg: LlavaConfig, vision_params, pixel_values) -> jax.Array:
+  """The patch features LLaVA reads: [images, patches, vision hidden]."""
+  hs = VisionTower(cfg.vision).apply({"params": vision_params}, pixel_values).hidden_states
+  feats = hs[cfg.vision_feature_layer]
+  return feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats
 
 
 class TowerProbe(nn.Module):
-  """The tower plus a per-patch linear head pooled to one logit per label."""
+  """The tower plus a linear head on every patch feature: [images, H, W, 3] -> [images, patches,
+  NUM_CLASSES] logits."""
 
   cfg: LlavaConfig
-  num_labels: int
 
   @nn.compact
-  def __call__(self, pixel_values):  # [images, H, W, 3] -> [images, num_labels]
+  def __call__(self, pixel_values):
     hs = VisionTower(self.cfg.vision, name="vision_tower")(pixel_values).hidden_states
     feats = hs[self.cfg.vision_feature_layer]
     if self.cfg.vision_feature_select_strategy == "default":
       feats = feats[:, 1:]
-    logits = nn.Dense(self.num_labels, name="head")(nn.LayerNorm(name="head_norm")(feats))
-    # Soft maximum over patches: log-mean-exp, so an empty image starts near sigmoid(0).
-    return jax.nn.logsumexp(logits, axis=1) - np.log(feats.shape[1])
+    return nn.Dense(NUM_CLASSES, name="head")(nn.LayerNorm(name="head_norm")(feats))
 
 
-def load_split(root: str | Path, split: str, cfg: LlavaConfig) -> tuple[np.ndarray, np.ndarray]:
-  """Pixels [n, H, W, 3] (the tower's preprocessing) and labels [n, groups * kinds] of one split."""
+def load_split(root: str | Path, split: str, cfg: LlavaConfig,
+               limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Pixels [n, H, W, 3] (the tower's preprocessing) and patch labels [n, patches] of one split (its
+  first `limit` scenes if given)."""
   root = Path(root)
   kind = "clip" if cfg.vision.is_clip else "siglip"
+  size, patch = cfg.vision.image_size, cfg.vision.patch_size
   pixels, targets = [], []
   for line in (root / "scenes.jsonl").read_text().splitlines():
     sc = synthetic.Scene.from_dict(json.loads(line))
     if sc.split != split:
       continue
+    if limit is not None and len(pixels) >= limit:
+      break
+    if sc.size != size:
+      raise ValueError(f"{root / 'scenes.jsonl'}: image {sc.image} is {sc.size} pixels, the tower "
+                       f"takes {size}")
     img = image_lib.load_image(str(root / sc.image))
-    pixels.append(image_lib.preprocess(img, kind=kind, size=cfg.vision.image_size))
-    targets.append(synthetic.labels(sc).reshape(-1))
+    pixels.append(image_lib.preprocess(img, kind=kind, size=size))
+    targets.append(synthetic.patch_labels(sc, patch))
   if not pixels:
     raise ValueError(f"{root / 'scenes.jsonl'}: no scenes of split {split!r}")
   return np.stack(pixels), np.stack(targets)
 
 
-def exact_match(logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-  """Per label group: the fraction of images whose 18 answers are all right."""
-  right = ((logits > 0) == (targets > 0.5)).reshape(len(targets), len(synthetic.LABEL_GROUPS), -1)
-  return {g: float(right[:, i].all(-1).mean()) for i, g in enumerate(synthetic.LABEL_GROUPS)}
+def patch_accuracy(logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+  """Held-out scores: on patches with an object, the kind / colour / shape right (a background answer
+  is wrong on all three); on background patches, background answered."""
+  pred = np.asarray(logits).argmax(-1)
+  obj = targets != synthetic.BACKGROUND
+  p, t = pred[obj], targets[obj]
+  seen = p != synthetic.BACKGROUND
+  n = len(synthetic.SHAPES)  # COMBOS is colour-major: kind = colour * n + shape
+  mean = lambda x: float(np.mean(x)) if x.size else float("nan")  # noqa: E731
+  return {"kind": mean(p == t), "color": mean(seen & (p // n == t // n)),
+          "shape": mean(seen & (p % n == t % n)),
+          "background": mean(pred[~obj] == synthetic.BACKGROUND)}
 
 
 def pretrain(cfg: LlavaConfig, root: str | Path, *, steps: int, batch_size: int = 64,
              lr: float = 2e-3, seed: int = 0) -> tuple[dict, dict[str, float]]:
   """Trains a fresh tower of `cfg.vision` on the shapes set at `root`; returns (vision_tower params,
-  stats: the first and last training loss, held-out exact match per label group)."""
+  stats: the first and last training loss, held-out `patch_accuracy`)."""
   x_train, y_train = load_split(root, "train", cfg)
   x_eval, y_eval = load_split(root, "eval", cfg)
-  probe = TowerProbe(cfg, y_train.shape[1])
+  probe = TowerProbe(cfg)
   params = nn.unbox(probe.init(jax.random.key(seed), x_train[:1])["params"])
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps),
                    weight_decay=0.01)
   opt_state = tx.init(params)
+  class_weight = jnp.where(jnp.arange(NUM_CLASSES) == synthetic.BACKGROUND, BACKGROUND_WEIGHT, 1.0)
 
   @jax.jit
   def step(params, opt_state, x, y):
     def loss_fn(p):
-      return optax.sigmoid_binary_cross_entropy(probe.apply({"params": p}, x), y).mean()
+      ce = optax.softmax_cross_entropy_with_integer_labels(probe.apply({"params": p}, x), y)
+      w = class_weight[y]
+      return jnp.sum(ce * w) / jnp.sum(w)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -102,7 +134,21 @@ def pretrain(cfg: LlavaConfig, root: str | Path, *, steps: int, batch_size: int 
   predict = jax.jit(probe.apply)
   logits = np.concatenate([np.asarray(predict({"params": params}, x_eval[i:i + 256]))
                            for i in range(0, len(x_eval), 256)])
-  scores = exact_match(logits, y_eval)
-  log.info("vision tower pretraining: held-out exact match %s",
+  scores = patch_accuracy(logits, y_eval)
+  log.info("vision tower pretraining: held-out patch accuracy %s",
            ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
   return params["vision_tower"], {"loss_first": first, "loss_last": float(loss), **scores}
+
+
+def projector_init(cfg: LlavaConfig, projector_params, vision_params, pixel_values) -> dict:
+  """`projector_params` with its first linear layer reading standardised features: with mean `mu` and
+  spread `sd` of every feature over the given images' patches, kernel W -> W / sd and bias
+  b -> b - (mu / sd) @ W, so linear_1(x) of the new layer is the old layer's linear_1((x - mu) / sd)."""
+  f = np.asarray(features(cfg, vision_params, pixel_values), np.float64)
+  f = f.reshape(-1, f.shape[-1])
+  mu, sd = f.mean(0), f.std(0) + 1e-6
+  lin = projector_params["linear_1"]
+  w, b = np.asarray(lin["kernel"], np.float64), np.asarray(lin["bias"], np.float64)
+  dtype = lin["kernel"].dtype
+  new = {"kernel": jnp.asarray(w / sd[:, None], dtype), "bias": jnp.asarray(b - (mu / sd) @ w, dtype)}
+  return {**projector_params, "linear_1": new}
