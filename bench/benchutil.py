@@ -95,7 +95,7 @@ FULL = Profile(
 )
 
 QUICK = dataclasses.replace(
-    FULL, name="quick", batch=1, step_repeats=3, moe_repeats=4,
+    FULL, name="quick", batch=1, step_repeats=5, moe_repeats=4,
     moe_variants=("dropless-ragged", "dropless-blocked", "capacity-1.5"),
     scale_seqs=(512, 1024), scale_experts=(2, 4, 8, 16), scale_experts_seq=256, scale_repeats=2,
     matmul_n=1536,

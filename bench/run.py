@@ -327,7 +327,7 @@ def report(run: dict, profile: bu.Profile, images: Path, out: Path, total_s: flo
               _ep_markdown(results["expert_parallel"])]
   import notes
   lines += ["", "## Proposed changes to package code", "",
-            "Found by these benchmarks; the first two are made, the third is open.", "",
+            "Found by these benchmarks; all three are made.", "",
             notes.proposals(results)]
   lines += ["", "## Section times", "", "| section | seconds |", "|---|---|"]
   lines += [f"| {k} | {v:.0f} |" for k, v in run["seconds"].items()]
