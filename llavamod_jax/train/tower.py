@@ -38,11 +38,16 @@ NUM_CLASSES = len(synthetic.COMBOS) + 1  # the kinds and BACKGROUND
 BACKGROUND_WEIGHT = 0.2  # most patches are background; their loss counts this much
 
 
+def _select(cfg: LlavaConfig, hidden_states) -> jax.Array:
+  """The patch features LLaVA reads from the tower's hidden states: [images, patches, hidden]."""
+  feats = hidden_states[cfg.vision_feature_layer]
+  return feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats
+
+
 def features(cfg: LlavaConfig, vision_params, pixel_values) -> jax.Array:
   """The patch features LLaVA reads: [images, patches, vision hidden]."""
-  hs = VisionTower(cfg.vision).apply({"params": vision_params}, pixel_values).hidden_states
-  feats = hs[cfg.vision_feature_layer]
-  return feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats
+  return _select(cfg, VisionTower(cfg.vision).apply({"params": vision_params}, pixel_values)
+                 .hidden_states)
 
 
 class TowerProbe(nn.Module):
@@ -54,9 +59,7 @@ class TowerProbe(nn.Module):
   @nn.compact
   def __call__(self, pixel_values):
     hs = VisionTower(self.cfg.vision, name="vision_tower")(pixel_values).hidden_states
-    feats = hs[self.cfg.vision_feature_layer]
-    if self.cfg.vision_feature_select_strategy == "default":
-      feats = feats[:, 1:]
+    feats = _select(self.cfg, hs)
     return nn.Dense(NUM_CLASSES, name="head")(nn.LayerNorm(name="head_norm")(feats))
 
 
