@@ -7,7 +7,9 @@ first (process 0 writes, the others wait), so the `ensure_*` functions below the
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from pathlib import Path
 
 import jax
@@ -59,15 +61,41 @@ def ensure_shapes(cfg) -> Path:
   return out
 
 
+# The demo tokenizer and teacher are cached with a stamp of what they were built from: the shapes version
+# (its text and answers) and DEMO_RECIPE, the version of how the demo teacher is built (bump it when
+# recipes.teacher(), the tower pretraining or the projector start change). An artefact without the
+# current stamp is stale and is rebuilt, so a cache from older code never keeps serving an old teacher.
+DEMO_RECIPE = 2  # 2: per-patch tower pretraining, fixed standardising projector, LM-only training
+_STAMP = "demo_stamp.json"
+
+
+def _stamp_value() -> dict:
+  return {"shapes_version": synthetic.VERSION, "demo_recipe": DEMO_RECIPE}
+
+
+def _cached(path: Path, marker: str) -> bool:
+  """Whether `path` holds a demo artefact (its `marker` file) with the current stamp."""
+  try:
+    stamp = json.loads((path / _STAMP).read_text())
+  except (FileNotFoundError, json.JSONDecodeError):
+    stamp = None
+  fresh = (path / marker).exists() and stamp == _stamp_value()
+  if not fresh and path.exists():
+    log.info("demo cache: %s is incomplete or was built by other code; rebuilding it", path)
+  return fresh
+
+
+def _stamp(path: Path) -> None:
+  (path / _STAMP).write_text(json.dumps(_stamp_value()))
+
+
 def ensure_demo_tokenizer(cfg):
   """A byte-level BPE trained on the shapes text (a few hundred tokens; saved once in the cache)."""
   import transformers
 
   path = Path(cfg.demo_cache) / "tokenizer"
-  if (path / "tokenizer.json").exists():
+  if _cached(path, "tokenizer.json"):
     return transformers.AutoTokenizer.from_pretrained(path)
-  import json
-
   import tokenizers
   from tokenizers import decoders, pre_tokenizers, trainers
 
@@ -90,6 +118,7 @@ def ensure_demo_tokenizer(cfg):
       tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
       additional_special_tokens=[IMAGE_TOKEN])
   fast.save_pretrained(path)
+  _stamp(path)
   return fast
 
 
@@ -200,10 +229,14 @@ def ensure_demo_teacher(cfg) -> Path:
   """The embedded default's teacher: trained once with configs/teacher.py's recipe, then cached.
   Collective: every process calls it (they train together); process 0 writes the HF directory."""
   out = Path(cfg.demo_cache) / "teacher_hf"
+  run = Path(cfg.demo_cache) / "teacher_run"
   # Process 0 decides for all: a process that alone skipped the training would leave the others
   # waiting in its collectives.
-  if distributed.main_value(int((out / "config.json").exists())):
+  if distributed.main_value(int(_cached(out, "config.json"))):
     return out
+  if distributed.is_main() and run.exists() and not _cached(run, "checkpoints"):
+    shutil.rmtree(run)  # checkpoints of a stale teacher: training would resume from them
+  distributed.barrier("demo teacher run")
   from llavamod_jax.train import loop
   from llavamod_jax.train import recipes
 
@@ -218,14 +251,17 @@ def ensure_demo_teacher(cfg) -> Path:
     # the image tokens no longer differ, so the LM answers from the question alone.
     tcfg.student.init, tcfg.student.hf_dir = "hf", str(_demo_teacher_init(cfg, tcfg))
     tcfg.trainable = "llm"
-  log.info("demo teacher not cached: training it first (%d steps) in %s", tcfg.total_steps,
-           Path(cfg.demo_cache) / "teacher_run")
-  loop.run(tcfg, Path(cfg.demo_cache) / "teacher_run")
+  log.info("demo teacher not cached: training it first (%d steps) in %s", tcfg.total_steps, run)
+  if distributed.is_main():
+    run.mkdir(parents=True, exist_ok=True)
+    _stamp(run)
+  loop.run(tcfg, run)
   # Orbax reads are collective too: every process restores, process 0 writes.
-  model, params = checkpoint.restore_model(Path(cfg.demo_cache) / "teacher_run" / "checkpoints")
+  model, params = checkpoint.restore_model(run / "checkpoints")
   if distributed.is_main():
     hf.save(model, params, out, overwrite=True)
     ensure_demo_tokenizer(cfg).save_pretrained(out)
+    _stamp(out)
   distributed.barrier("demo teacher")
   return out
 
@@ -237,7 +273,7 @@ def _demo_teacher_init(cfg, tcfg) -> Path:
   from llavamod_jax.train import tower
 
   out = Path(cfg.demo_cache) / "teacher_init_hf"
-  if distributed.main_value(int((out / "config.json").exists())):
+  if distributed.main_value(int(_cached(out, "config.json"))):
     return out
   tokenizer = ensure_demo_tokenizer(cfg)
   model = models.build(demo_llava(tcfg.student, tokenizer, cfg.data.shapes.image_size))
@@ -252,6 +288,7 @@ def _demo_teacher_init(cfg, tcfg) -> Path:
   if distributed.is_main():
     hf.save(model, params, out, overwrite=True)
     tokenizer.save_pretrained(out)
+    _stamp(out)
   distributed.barrier("demo teacher init")
   return out
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llavamod_jax.train import build
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = [  # a few steps of tiny models on a small synthetic set
     "--config.total_steps=8", "--config.log_every=1", "--config.checkpoint_every=3",
@@ -58,6 +60,8 @@ def test_mimic_stage_runs_and_writes_its_workdir(demo):
   assert (work / "tokenizer" / "tokenizer.json").exists() and (work / "loss_curves.png").exists()
   assert list((work / "tensorboard").iterdir())
   assert (root / "cache" / "teacher_hf" / "config.json").exists()  # the demo teacher, cached
+  for art, marker in (("teacher_hf", "config.json"), ("tokenizer", "tokenizer.json")):
+    assert build._cached(root / "cache" / art, marker)  # stamped with the shapes version
 
 
 @pytest.mark.slow
