@@ -61,7 +61,7 @@ def test_mimic_stage_runs_and_writes_its_workdir(demo):
   assert list((work / "tensorboard").iterdir())
   assert (root / "cache" / "teacher_hf" / "config.json").exists()  # the demo teacher, cached
   for art, marker in (("teacher_hf", "config.json"), ("tokenizer", "tokenizer.json")):
-    assert build._cached(root / "cache" / art, marker)  # stamped with the shapes version
+    assert build._cached(root / "cache" / art, marker)  # stamped: shapes version and recipe
 
 
 @pytest.mark.slow
