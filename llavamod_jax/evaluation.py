@@ -9,7 +9,9 @@
 Records are LLaVA conversation records (JSONL or a JSON list); the last assistant turn is the reference
 answer and everything before it the prompt. `"task"` names the metric group (absent: "vqa"); records of
 task "pope" get the POPE metrics, every other task exact match. When POPE records come in several
-`"category"` values (random, popular, adversarial), each also gets a group "pope/<category>".
+`"category"` values (random, popular, adversarial), each also gets a group "pope/<category>". A POPE
+record may give its yes/no in `"label"`, as POPE's own annotation files do; its reference answer can
+then be a sentence ("A red circle is not in the image."). Without a label the answer must read yes/no.
 
 Scoring (pure functions, below):
 - `normalize`: lower case, punctuation removed, whitespace collapsed ("Left." == "left").
@@ -61,6 +63,7 @@ class EvalRecord:
   images: tuple[str | bytes, ...] = ()
   category: str = ""
   origin: str = ""
+  label: str = ""  # POPE: the reference's "yes" / "no" when the answer is a sentence
 
   @property
   def prompt(self) -> tuple[tuple[str, str], ...]:
@@ -111,7 +114,7 @@ def read_records(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
       if isinstance(rec, sources.Bad):
         raise sources.DataError(f"evaluation record unusable: {rec.message()}")
       out.append(EvalRecord(rec.id, str(raw.get("task") or "vqa"), rec.messages, rec.images,
-                            str(raw.get("category") or ""), origin))
+                            str(raw.get("category") or ""), origin, str(raw.get("label") or "")))
   return out
 
 
@@ -202,7 +205,8 @@ def score(records: Sequence[EvalRecord], predictions: Sequence[str],
   for name, idx in sorted(groups.items()):
     preds, answers = [predictions[i] for i in idx], [records[i].answer for i in idx]
     if name == POPE or name.startswith(POPE + "/"):
-      out[name] = pope_metrics(preds, answers, pope_rule)
+      labels = [records[i].label or records[i].answer for i in idx]
+      out[name] = pope_metrics(preds, labels, pope_rule)
     else:
       out[name] = {"n": len(idx), "exact_match": exact_match(preds, answers)}
   out["all"] = {"n": len(records), "exact_match": exact_match(predictions,

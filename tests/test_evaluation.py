@@ -1,5 +1,6 @@
 """evaluation: metric functions against hand-computed numbers; prompts, batching and KL plumbing."""
 
+import dataclasses
 import json
 
 import jax
@@ -97,6 +98,24 @@ def test_score_groups_tasks_and_pope_categories():
   assert "pope/random" in text and "f1=0.5000" in text and "exact_match=0.5000" in text
 
 
+def test_score_reads_pope_sentences_by_their_label():
+  # Sentence references carry their yes/no in `label`; predictions are read by the rule given.
+  def rec(answer, label):
+    return evaluation.EvalRecord(answer, "pope", (("user", "q"), ("assistant", answer)), label=label)
+  records = [rec("A red circle is in the image.", "yes"), rec("A red circle is not in the image.", "no"),
+             rec("A blue square is in the image.", "yes"), rec("A green square is not in the image.", "no")]
+  preds = ["A red circle is in the image.", "A red circle is in the image.",
+           "A blue square is not in the image.", "A green square is not in the image."]
+  # llava rule: predicted yes = [1, 1, 0, 0], truth = [1, 0, 1, 0] -> TP 1, FP 1, FN 1, TN 1
+  got = evaluation.score(records, preds, pope_rule="llava")["pope"]
+  assert got == pytest.approx({"n": 4, "accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5,
+                               "yes_ratio": 0.5})
+  # exact match still compares the sentences themselves
+  assert evaluation.score(records, preds, pope_rule="llava")["all"]["exact_match"] == 0.5
+  with pytest.raises(ValueError, match="must be yes/no"):  # a sentence without a label
+    evaluation.score([dataclasses.replace(records[0], label="")], preds[:1], pope_rule="llava")
+
+
 def test_left_pad():
   ids, mask = evaluation.left_pad([np.array([5, 6, 7]), np.array([8])], pad_id=0, rows=3,
                                   length_multiple=4)
@@ -123,9 +142,24 @@ def test_read_records_of_the_synthetic_set(shapes):
   assert [r.task for r in records] == [d["task"] for d in raw]
   assert [r.answer for r in records] == [d["conversations"][-1]["value"] for d in raw]
   assert [r.category for r in records] == [d.get("category", "") for d in raw]
+  assert [r.label for r in records] == [""] * len(raw)  # one-word answers need no label
   assert records[0].images == (str(shapes / raw[0]["image"]),)
   assert records[0].prompt == (("user", raw[0]["conversations"][0]["value"]),)
   assert len(evaluation.read_records(shapes / "eval.jsonl", limit=3)) == 3
+
+
+def test_read_records_take_the_pope_label(tmp_path):
+  # POPE annotation files give the yes/no in "label"; the reference answer may then be a sentence.
+  path = tmp_path / "pope.jsonl"
+  rows = [("A red circle is in the image.", "yes"), ("A red circle is not in the image.", "no")]
+  path.write_text("".join(json.dumps({
+      "id": f"p{i}", "task": "pope", "label": label,
+      "conversations": [{"from": "human", "value": "Is there a red circle in the image?"},
+                        {"from": "gpt", "value": answer}]}) + "\n" for i, (answer, label) in enumerate(rows)))
+  records = evaluation.read_records(path)
+  assert [(r.answer, r.label) for r in records] == rows
+  got = evaluation.score(records, ["Yes, there is.", "No"], pope_rule="llava")
+  assert got["pope"]["accuracy"] == 1.0 and got["all"]["exact_match"] == 0.0
 
 
 def test_read_records_errors_name_the_record(tmp_path):
