@@ -65,3 +65,60 @@ def test_run_all_sections_at_minuscule_sizes(tmp_path, torch):
   for name in ("train_steps", "moe_layer", "memory", "scaling"):
     assert (tmp_path / "images" / f"bench_{name}.png").exists()
   assert "targets met" in res["final_line"]
+
+
+# --- bench/teacher_probe.py ------------------------------------------------------------------------
+
+
+def test_teacher_probe_scores_like_a_loop():
+  # An answer is right when each response token is the argmax at the position before it.
+  import tiny_run
+  from llavamod_jax import models
+
+  probe = _bench_module("teacher_probe")
+  model = models.build(tiny_run.llava_config())
+  params = tiny_run.random_params(model, seed=3)
+  rng = np.random.default_rng(0)
+  rows, length, n_img = 6, 40, (tiny_run.IMAGE_SIZE // 7) ** 2
+  ids = rng.integers(5, 60, (rows, length)).astype(np.int32)
+  ids[:, 2:2 + n_img] = model.cfg.image_token_id
+  pixels = rng.standard_normal((rows, tiny_run.IMAGE_SIZE, tiny_run.IMAGE_SIZE, 3)).astype(np.float32)
+  batch = {"input_ids": ids, "pixel_values": pixels, "attention_mask": np.ones_like(ids),
+           "image_mask": np.ones(rows, bool)}
+  logits = np.asarray(model.apply({"params": params}, ids, pixels, batch["attention_mask"],
+                                  image_mask=batch["image_mask"]).logits)
+  labels = np.full_like(ids, -100)
+  for r in range(rows):  # responses of 1-3 tokens at the end; rows 0-2 copy the model's own argmax
+    n = 1 + r % 3
+    for t in range(length - n, length):
+      labels[r, t] = logits[r, t - 1].argmax() if r < 3 else (logits[r, t - 1].argmax() + r) % 60
+  labels[1, length - 1] = (labels[1, length - 1] + 1) % 60  # one wrong token spoils a whole answer
+  batch["labels"] = labels
+  want = [all(labels[r, t] == logits[r, t - 1].argmax() for t in range(1, length) if labels[r, t] >= 0)
+          for r in range(rows)]
+  got = np.asarray(probe.make_scorer(model)(params, batch))
+  assert want == [True, False, True, False, False, False]
+  np.testing.assert_array_equal(got, want)
+  assert probe.summarize(got, ["a", "a", "b", "b", "b", "c"]) == {"a": 0.5, "b": 0.333, "c": 0.0}
+
+
+def test_teacher_probe_question_kinds():
+  from llavamod_jax.data import synthetic
+
+  probe = _bench_module("teacher_probe")
+  seen = set()
+  for i in range(40):
+    sc = synthetic.scene("eval", i)
+    for r in synthetic.records(sc)["eval"]:
+      kind = probe.question_kind(r, sc)
+      seen.add(kind)
+      if kind.startswith("color"):
+        assert (kind == "color, 1 object") == (len(sc.objects) == 1)
+      if kind.startswith("position"):
+        sides = {"left" if o.x < sc.size / 2 else "right" for o in sc.objects}
+        assert (kind == "position, all on one side") == (len(sides) == 1 and all(
+            sc.side(o) for o in sc.objects))
+      if kind.startswith("pope"):
+        assert kind == f"pope, {r['conversations'][1]['value']}"
+  assert {"color, 1 object", "color, 2+ objects", "count, all shapes", "count, one shape",
+          "pope, yes", "pope, no", "caption"} <= seen
