@@ -73,6 +73,7 @@ def test_run_all_sections_at_minuscule_sizes(tmp_path, torch):
 def test_teacher_probe_scores_like_a_loop():
   # An answer is right when each response token is the argmax at the position before it.
   import tiny_run
+
   from llavamod_jax import models
 
   probe = _bench_module("teacher_probe")
