@@ -101,6 +101,7 @@ def main(argv=None) -> dict:
       cfg.data.shapes[key] = getattr(args, key)
   if args.vision_steps is not None:
     cfg.demo_vision_steps = args.vision_steps
+
   def teacher_cfg(batch: int):
     c = recipes.teacher()
     c.demo_cache = cfg.demo_cache
@@ -140,6 +141,13 @@ def main(argv=None) -> dict:
   n_batches = max(1, min(args.eval_limit, len(records)) // args.eval_batch)
   eval_batches = [b for b, _ in zip(pipe, range(n_batches))]
   records = records[:len(eval_batches) * args.eval_batch]
+  # Rows are scored against records by position: check that each row's response is its record's.
+  labels = np.concatenate([b["labels"] for b in eval_batches])
+  for row, (ids, record) in enumerate(zip(labels, records)):
+    said = tokenizer.decode(ids[ids >= 0], skip_special_tokens=True).strip()
+    if said != record["conversations"][-1]["value"].strip():
+      raise ValueError(f"{efiles[0]}: held-out row {row} holds the response {said!r}, not record "
+                       f"{record['id']!r}'s; the pipeline skipped or reordered records")
   tasks = [r["task"] for r in records]
   kinds = [question_kind(r, scenes[r["image"]]) for r in records]
 
