@@ -173,7 +173,7 @@ _TEXT_OWNED = {
     "architectures", "dtype", "torch_dtype", "transformers_version", "layer_types", "hidden_act",
     "mlp_bias", "_name_or_path", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
     "shared_expert_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
-    "qkv_bias",
+    "qkv_bias", "initializer_range",
 }
 _VISION_OWNED = {
     "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -237,7 +237,8 @@ def text_from_hf(d: dict[str, Any], where: str, dtype: str, param_dtype: str,
       rms_norm_eps=full["rms_norm_eps"],
       attention_bias=model_type == "qwen2" or bool(full.get("qkv_bias", model_type == "qwen2_moe")),
       tie_word_embeddings=bool(full.get("tie_word_embeddings", False)),
-      max_position_embeddings=full["max_position_embeddings"], dtype=dtype, param_dtype=param_dtype,
+      max_position_embeddings=full["max_position_embeddings"],
+      initializer_range=float(full.get("initializer_range", 0.02)), dtype=dtype, param_dtype=param_dtype,
       hf_extra=_extra(d, _TEXT_OWNED, _name_or_path=source))
 
 
@@ -250,6 +251,7 @@ def text_to_hf(cfg: TextConfig, dtype: str) -> dict[str, Any]:
       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
       rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
       max_position_embeddings=cfg.max_position_embeddings, hidden_act="silu", dtype=dtype,
+      initializer_range=cfg.initializer_range,
       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
   if cfg.head_dim and cfg.head_dim != cfg.hidden_size // cfg.num_heads:
     d["head_dim"] = cfg.head_dim

@@ -39,6 +39,9 @@ class TextConfig:
   attention_bias: bool = True  # q/k/v bias (Qwen2); o_proj never has one
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 32768
+  # Std of the normal init of every embedding and matrix of a model built from scratch (HF's field of
+  # the same name); the projector's too, as transformers' LLaVA takes the text config's.
+  initializer_range: float = 0.02
   # Mixture of experts (0 experts: dense everywhere).
   num_experts: int = 0
   num_experts_per_tok: int = 2

@@ -37,10 +37,10 @@ class Projector(nn.Module):
   def __call__(self, x):
     cfg = self.cfg
     dtype, pdtype = to_dtype(cfg.text.dtype), to_dtype(cfg.text.param_dtype)
-    h = cfg.text.hidden_size
-    x = Linear(h, (None, "embed"), cfg.projector_bias, dtype, pdtype, name="linear_1")(x)
+    h, init = cfg.text.hidden_size, nn.initializers.normal(cfg.text.initializer_range)
+    x = Linear(h, (None, "embed"), cfg.projector_bias, dtype, pdtype, init, name="linear_1")(x)
     x = activation(cfg.projector_hidden_act)(x)
-    return Linear(h, ("mlp", "embed"), cfg.projector_bias, dtype, pdtype, name="linear_2")(x)
+    return Linear(h, ("mlp", "embed"), cfg.projector_bias, dtype, pdtype, init, name="linear_2")(x)
 
 
 def _is_concrete(x) -> bool:

@@ -50,8 +50,10 @@ class Attention(nn.Module):
     b, s, _ = x.shape
     hd = cfg.resolved_head_dim
 
+    init = nn.initializers.normal(cfg.initializer_range)
+
     def proj(name, heads, axes, bias):
-      return Linear(heads * hd, axes, bias, dtype, pdtype, name=name)(x).reshape(b, s, heads, hd)
+      return Linear(heads * hd, axes, bias, dtype, pdtype, init, name=name)(x).reshape(b, s, heads, hd)
 
     q = proj("q_proj", cfg.num_heads, ("embed", "heads"), cfg.attention_bias)
     k = proj("k_proj", cfg.num_kv_heads, ("embed", "kv"), cfg.attention_bias)
@@ -64,7 +66,7 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
       new_cache = {"k": k, "v": v}
     out = attention(q, k, v, mask, dtype)
-    out = Linear(cfg.hidden_size, ("heads", "embed"), False, dtype, pdtype, name="o_proj")(out)
+    out = Linear(cfg.hidden_size, ("heads", "embed"), False, dtype, pdtype, init, name="o_proj")(out)
     return out, new_cache
 
 
@@ -79,9 +81,10 @@ class MLP(nn.Module):
     cfg = self.cfg
     dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
     inter = self.intermediate_size or cfg.intermediate_size
-    gate = Linear(inter, ("embed", "mlp"), False, dtype, pdtype, name="gate_proj")(x)
-    up = Linear(inter, ("embed", "mlp"), False, dtype, pdtype, name="up_proj")(x)
-    return Linear(cfg.hidden_size, ("mlp", "embed"), False, dtype, pdtype, name="down_proj")(
+    init = nn.initializers.normal(cfg.initializer_range)
+    gate = Linear(inter, ("embed", "mlp"), False, dtype, pdtype, init, name="gate_proj")(x)
+    up = Linear(inter, ("embed", "mlp"), False, dtype, pdtype, init, name="up_proj")(x)
+    return Linear(cfg.hidden_size, ("mlp", "embed"), False, dtype, pdtype, init, name="down_proj")(
         jax.nn.silu(gate) * up)
 
 
@@ -120,13 +123,15 @@ class DecoderLM(nn.Module):
     dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
     self.embed_tokens = nn.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
+                                                    ("vocab", "embed")))
     # `train` (arg 7 counting self) only picks the MoE capacity factor: static under remat.
     layer_cls = nn.remat(DecoderLayer, static_argnums=(7,)) if cfg.remat else DecoderLayer
     self.layers = [layer_cls(cfg, i) for i in range(cfg.num_layers)]
     self.norm = RMSNorm(cfg.rms_norm_eps, dtype, pdtype)
     if not cfg.tie_word_embeddings:
-      self.lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), False, dtype, pdtype)
+      self.lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), False, dtype, pdtype,
+                            nn.initializers.normal(cfg.initializer_range))
 
   def embed(self, input_ids):
     return self.embed_tokens(input_ids)

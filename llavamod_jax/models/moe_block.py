@@ -51,7 +51,7 @@ class Experts(nn.Module):
     cfg = self.cfg
     pdtype = to_dtype(cfg.param_dtype)
     e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size or cfg.intermediate_size
-    init = nn.initializers.normal(0.02)
+    init = nn.initializers.normal(cfg.initializer_range)
     self.gate_proj = self.param("gate_proj", nn.with_logical_partitioning(init, ("expert", "embed", "mlp")),
                                 (e, h, i), pdtype)
     self.up_proj = self.param("up_proj", nn.with_logical_partitioning(init, ("expert", "embed", "mlp")),

@@ -1,5 +1,6 @@
 """LLaVA (CLIP/SigLIP tower + projector + Qwen2/LLaMA) against transformers on the same weights."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -101,3 +102,34 @@ def test_row_owned_image_slots_with_padding_images(pair):
     bad[1, np.flatnonzero(bad[1] == tiny_hf.IMAGE_TOKEN)[:n - 1]] = 5
     model.apply({"params": params}, jnp.asarray(bad), jnp.asarray(slots),
                 image_mask=jnp.asarray(image_mask))
+
+
+@pytest.mark.parametrize("std", [0.02, 0.1])
+def test_initializer_range_sets_every_fresh_matrix(std, tmp_path, torch):
+  """A model built from scratch draws its LM and projector matrices from N(0, initializer_range²), as
+  transformers does for the text config's field; the field survives an HF round trip."""
+  import transformers
+
+  from llavamod_jax import models
+  from llavamod_jax.models.configs import LlavaConfig, TextConfig, VisionConfig
+
+  text = TextConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                    num_kv_heads=2, num_experts=4, moe_layers=(1,), initializer_range=std)
+  cfg = LlavaConfig(text=text, vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=1,
+                                                   num_heads=2, image_size=28, patch_size=14),
+                    image_token_id=255)
+  model = models.build(cfg)
+  params = models.init_params(model, 0)
+  flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  checked = 0
+  for name, value in flat.items():
+    if name.startswith("vision_tower") or value.ndim < 2 or name.endswith("router"):
+      continue  # the tower keeps its own init; the router is torch.nn.Linear's, as in the original
+    assert value.std() == pytest.approx(std, rel=0.1), name
+    assert abs(value.mean()) < 0.1 * std, name
+    checked += 1
+  assert checked >= 2 * 7 + 3  # 2 layers x (q, k, v, o, and the FFN's three) + embed, head, projector
+  out = hf.save(model, params, tmp_path / "hf")
+  assert transformers.AutoConfig.from_pretrained(out).text_config.initializer_range == std
+  assert hf.load(out)[0].cfg.text.initializer_range == std
