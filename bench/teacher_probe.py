@@ -3,7 +3,8 @@ per task and per question kind, every --eval_every steps of the teacher's own re
 frozen vision tower, the fixed standardising projector, a from-scratch language model; train/build.py).
 
     python bench/teacher_probe.py [--steps 1600] [--seed 0] [--lr 2e-3] [--batch 16]
-        [--hidden 128 --layers 4 --heads 4 --kv_heads 2] [--train_file train.jsonl]
+        [--hidden 128 --layers 4 --heads 8 --kv_heads 8] [--init_std 0.1]
+        [--train_file train.jsonl --eval_file eval.jsonl]
         [--demo_cache workdirs/demo_cache] [--eval_every 200] [--eval_limit 600]
 
 An answer counts as right when every one of its tokens is the model's argmax given the reference before
@@ -12,8 +13,9 @@ CPU per evaluation, so a change to the data or the recipe can be judged at 1,600
 a whole demo run. The kinds split each task by whether it can be answered without joining the
 question's words to the image ("color, 1 object" can, "color, 2+ objects" cannot). The tokenizer,
 shapes set and tower come from --demo_cache (built there if missing, as the demo builds them); the
-language model is always fresh, so its sizes can change. --train_file names a file in the shapes
-folder, e.g. a rewritten train.jsonl to try another answer format (the tokenizer must cover its words).
+language model and the projector's start are always fresh, so sizes and init std can change.
+--train_file names a file in the shapes folder, e.g. a rewritten train.jsonl to try another answer
+format (the tokenizer must cover its words), and --eval_file its held-out counterpart.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 
 from llavamod_jax import hf, models
 from llavamod_jax.data import synthetic
-from llavamod_jax.train import build, optim, recipes, steps
+from llavamod_jax.train import build, optim, recipes, steps, tower
 
 
 def question_kind(record: dict, scene: synthetic.Scene) -> str:
@@ -79,12 +81,15 @@ def main(argv=None) -> dict:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--lr", type=float, default=None, help="default: the teacher recipe's")
   p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--max_length", type=int, default=160)
+  p.add_argument("--max_length", type=int, default=None, help="default: the teacher recipe's")
   p.add_argument("--hidden", type=int, default=None)
   p.add_argument("--layers", type=int, default=None)
   p.add_argument("--heads", type=int, default=None)
   p.add_argument("--kv_heads", type=int, default=None)
   p.add_argument("--train_file", default="train.jsonl")
+  p.add_argument("--eval_file", default="eval.jsonl")
+  p.add_argument("--init_std", type=float, default=None,
+                 help="the LM's and projector's initializer_range (default: the teacher recipe's)")
   p.add_argument("--eval_every", type=int, default=200)
   p.add_argument("--eval_limit", type=int, default=600, help="first N held-out questions")
   p.add_argument("--eval_batch", type=int, default=50)
@@ -106,7 +111,8 @@ def main(argv=None) -> dict:
     c = recipes.teacher()
     c.demo_cache = cfg.demo_cache
     c.data.shapes = ml_collections.ConfigDict(cfg.data.shapes.to_dict())
-    c.data.batch_size, c.data.max_length = batch, args.max_length
+    c.data.batch_size = batch
+    c.data.max_length = args.max_length or c.data.max_length
     return c
 
   tokenizer = build.ensure_demo_tokenizer(cfg)
@@ -121,18 +127,23 @@ def main(argv=None) -> dict:
       demo[key] = value
   if args.hidden is not None:
     demo.intermediate_size = 2 * args.hidden
+  if args.init_std is not None:
+    demo.initializer_range = args.init_std
 
   model = models.build(build.demo_llava(tcfg.student, tokenizer, cfg.data.shapes.image_size))
   params = models.init_params(model, args.seed)
   _, start = hf.load(init_dir)
   params["vision_tower"] = start["vision_tower"]
-  params["multi_modal_projector"] = start["multi_modal_projector"]
-
   files, root = build.train_files(tcfg)
+  # The fixed projector's start, made as the demo makes it but from this LM's fresh projector.
+  pixels, _ = tower.load_split(root, "train", model.cfg, limit=256)
+  params["multi_modal_projector"] = tower.projector_init(
+      model.cfg, params["multi_modal_projector"], params["vision_tower"], pixels)
+
   train = iter(build.data_pipeline(tcfg, tokenizer, model, None, files, root, seed=args.seed,
                                    shuffle=True, num_epochs=None))
   ecfg = teacher_cfg(args.eval_batch)
-  efiles, _ = build.eval_files(ecfg)
+  efiles = [str(Path(root, args.eval_file))]
   records = [json.loads(line) for line in Path(efiles[0]).read_text().splitlines()]
   scenes = {d["image"]: synthetic.Scene.from_dict(d)
             for d in map(json.loads, Path(root, "scenes.jsonl").read_text().splitlines())}

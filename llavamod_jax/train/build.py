@@ -65,7 +65,8 @@ def ensure_shapes(cfg) -> Path:
 # (its text and answers) and DEMO_RECIPE, the version of how the demo teacher is built (bump it when
 # recipes.teacher(), the tower pretraining or the projector start change). An artefact without the
 # current stamp is stale and is rebuilt, so a cache from older code never keeps serving an old teacher.
-DEMO_RECIPE = 2  # 2: per-patch tower pretraining, fixed standardising projector, LM-only training
+DEMO_RECIPE = 3  # 2: per-patch tower pretraining, fixed standardising projector, LM-only training;
+# 3: the LM and projector start at std 0.1 (initializer_range), 8 heads without grouped KV
 _STAMP = "demo_stamp.json"
 
 
@@ -133,7 +134,8 @@ def demo_llava(src, tokenizer, image_size: int) -> LlavaConfig:
   text = TextConfig(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=d.hidden_size,
                     intermediate_size=d.intermediate_size, num_layers=d.num_layers,
                     num_heads=d.num_heads, num_kv_heads=d.num_kv_heads, rope_theta=10000.0,
-                    tie_word_embeddings=False, max_position_embeddings=1024)
+                    tie_word_embeddings=False, max_position_embeddings=1024,
+                    initializer_range=d.initializer_range)
   vision = VisionConfig(hidden_size=d.vision_hidden_size, intermediate_size=4 * d.vision_hidden_size,
                         num_layers=d.vision_layers, num_heads=d.vision_heads, image_size=image_size,
                         patch_size=d.patch_size)
