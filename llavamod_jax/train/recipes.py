@@ -55,7 +55,7 @@ def teacher():
   c.optimizer.warmup_ratio = 0.05
   c.optimizer.weight_decay = 0.01
   # With the demo's init std (0.1, config.py) and 8 heads of 16 without grouped KV, the LM learned to
-  # look up the object a question names (POPE) in 2 of 3 seeds within 1,600 steps; with 4 heads in 1
+  # look up the object a question names (POPE) in 4 of 5 seeds within 1,600 steps; with 4 heads in 1
   # of 2 (bench/teacher_probe.py; README, demo results).
   c.student.demo.num_heads = c.student.demo.num_kv_heads = 8
   c.final_report = False
