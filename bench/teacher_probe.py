@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -86,6 +87,7 @@ def main(argv=None) -> dict:
   p.add_argument("--layers", type=int, default=None)
   p.add_argument("--heads", type=int, default=None)
   p.add_argument("--kv_heads", type=int, default=None)
+  p.add_argument("--rope_theta", type=float, default=None, help="default: the demo models' 10000")
   p.add_argument("--train_file", default="train.jsonl")
   p.add_argument("--eval_file", default="eval.jsonl")
   p.add_argument("--init_std", type=float, default=None,
@@ -130,7 +132,10 @@ def main(argv=None) -> dict:
   if args.init_std is not None:
     demo.initializer_range = args.init_std
 
-  model = models.build(build.demo_llava(tcfg.student, tokenizer, cfg.data.shapes.image_size))
+  llava = build.demo_llava(tcfg.student, tokenizer, cfg.data.shapes.image_size)
+  if args.rope_theta is not None:
+    llava = dataclasses.replace(llava, text=dataclasses.replace(llava.text, rope_theta=args.rope_theta))
+  model = models.build(llava)
   params = models.init_params(model, args.seed)
   _, start = hf.load(init_dir)
   params["vision_tower"] = start["vision_tower"]

@@ -123,3 +123,47 @@ def test_teacher_probe_question_kinds():
         assert kind == f"pope, {r['conversations'][1]['value']}"
   assert {"color, 1 object", "color, 2+ objects", "count, all shapes", "count, one shape",
           "pope, yes", "pope, no", "caption"} <= seen
+
+
+# --- bench/lookup_probe.py -------------------------------------------------------------------------
+
+
+def test_lookup_probe_kind_features_by_hand():
+  # Each patch: the one-hot of its kind, then of its half (left, right); every dimension standardised
+  # over all patches of all images.
+  import types
+
+  from llavamod_jax.data import synthetic
+  from llavamod_jax.models.configs import LlavaConfig, TextConfig, VisionConfig
+
+  probe = _bench_module("lookup_probe")
+  scenes = {f"s{i}": synthetic.scene("eval", i) for i in range(6)}
+  images = sorted(scenes)
+  vision = VisionConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                        image_size=scenes["s0"].size, patch_size=16)
+  cfg = LlavaConfig(text=TextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+                                    num_heads=1, num_kv_heads=1), vision=vision, image_token_id=3)
+  got = probe.image_features(types.SimpleNamespace(features="side_kinds"), cfg, None, images, scenes)
+  n = scenes["s0"].size // 16
+  want = np.zeros((len(images), n * n, len(synthetic.COMBOS) + 3))
+  for i, name in enumerate(images):
+    labels = synthetic.patch_labels(scenes[name], 16)
+    for j in range(n * n):
+      want[i, j, labels[j]] = 1.0
+      want[i, j, len(synthetic.COMBOS) + 1 + (1 if j % n >= n / 2 else 0)] = 1.0
+  flat = want.reshape(-1, want.shape[-1])
+  want = (want - flat.mean(0)) / (flat.std(0) + 1e-6)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert got.shape == (6, n * n, len(synthetic.COMBOS) + 3)
+
+
+def test_lookup_probe_runs_at_minuscule_sizes(tmp_path):
+  probe = _bench_module("lookup_probe")
+  res = probe.main([f"--demo_cache={tmp_path}", "--num_train=12", "--num_eval=6", "--features=kinds",
+                    "--steps=4", "--eval_every=2", "--hidden=16", "--layers=1", "--heads=2",
+                    "--kv_heads=2"])
+  rows = res["history"]
+  assert [r["step"] for r in rows] == [2, 4]
+  kinds = [k for k in rows[-1] if k not in ("step", "loss", "seconds")]
+  assert kinds and all(0.0 <= rows[-1][k] <= 1.0 for k in kinds)
+  assert all(np.isfinite(r["loss"]) for r in rows)
