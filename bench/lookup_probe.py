@@ -10,10 +10,11 @@ A sequence is the image's 64 patch tokens, then "\\n<question>\\nASSISTANT:"; th
 token that decides the answer ("green", "3", "left", "yes"). The image tokens are the features
 standardised over all patches and passed through a fresh, fixed projector (the demo teacher's
 `tower.projector_init` start); only the LM trains. With no tower forward pass and short sequences a
-run takes about 3 minutes of CPU, against 10 for bench/teacher_probe.py, so a change to what the tower
-hands the LM can be judged on its own. `--features kinds` is the ceiling: what each patch says is
-exact. `--features side_kinds` adds the patch's half of the image (left / right) as two more one-hot
-dimensions. The LM is the demo teacher's (`recipes.teacher`), its sizes and RoPE base overridable.
+run takes about 3 minutes of CPU, against 10 for bench/teacher_probe.py, so a change to what the
+tower hands the LM can be judged on its own. `--features kinds` hands it each patch's exact kind,
+one-hot; `--features side_kinds` adds the patch's half of the image (left / right) as two more
+one-hot dimensions. The LM is the demo teacher's (`recipes.teacher`), its sizes and RoPE base
+overridable.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def main(argv=None) -> dict:
     demo.intermediate_size = 2 * args.hidden
   llava = build.demo_llava(tcfg.student, tokenizer, cfg.data.shapes.image_size)
   if args.rope_theta is not None:
-    llava = dataclasses.replace(llava, text=dataclasses.replace(llava.text, rope_theta=args.rope_theta))
+    text = dataclasses.replace(llava.text, rope_theta=args.rope_theta)
+    llava = dataclasses.replace(llava, text=text)
 
   scenes = {d["image"]: synthetic.Scene.from_dict(d)
             for d in map(json.loads, (root / "scenes.jsonl").read_text().splitlines())}
@@ -127,7 +129,8 @@ def main(argv=None) -> dict:
       question = r["conversations"][0]["value"].replace("<image>\n", "")
       text = tokenizer("\n" + question + "\nASSISTANT:")["input_ids"]
       answer = tokenizer(r["conversations"][-1]["value"])["input_ids"][0]
-      rows.append((text, answer, index[r["image"]], r["task"], question_kind(r, scenes[r["image"]])))
+      kind = question_kind(r, scenes[r["image"]])
+      rows.append((text, answer, index[r["image"]], r["task"], kind))
     return rows
 
   train, held_out = load("train.jsonl"), load("eval.jsonl")
@@ -158,8 +161,8 @@ def main(argv=None) -> dict:
     return logits[jnp.arange(ids.shape[0]), last]
 
   lr = args.lr if args.lr is not None else tcfg.optimizer.lr
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, int(tcfg.optimizer.warmup_ratio * args.steps),
-                                                args.steps)
+  warmup = int(tcfg.optimizer.warmup_ratio * args.steps)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, args.steps)
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.adamw(schedule, weight_decay=tcfg.optimizer.weight_decay))
   opt = tx.init(params)

@@ -134,7 +134,8 @@ def main(argv=None) -> dict:
 
   llava = build.demo_llava(tcfg.student, tokenizer, cfg.data.shapes.image_size)
   if args.rope_theta is not None:
-    llava = dataclasses.replace(llava, text=dataclasses.replace(llava.text, rope_theta=args.rope_theta))
+    text = dataclasses.replace(llava.text, rope_theta=args.rope_theta)
+    llava = dataclasses.replace(llava, text=text)
   model = models.build(llava)
   params = models.init_params(model, args.seed)
   _, start = hf.load(init_dir)
