@@ -45,8 +45,8 @@ SHORT = ("color", "count", "position", "pope")
 def image_features(args, cfg, root: Path, images: list[str], scenes: dict) -> np.ndarray:
   """[images, patches, dim] features for the LM, standardised over all patches."""
   patch = cfg.vision.patch_size
-  labels = np.stack([synthetic.patch_labels(scenes[k], patch) for k in images])
   if args.features in ("kinds", "side_kinds"):
+    labels = np.stack([synthetic.patch_labels(scenes[k], patch) for k in images])
     f = np.eye(tower.NUM_CLASSES, dtype=np.float32)[labels]
     if args.features == "side_kinds":
       n = scenes[images[0]].size // patch

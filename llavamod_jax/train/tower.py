@@ -139,10 +139,10 @@ def pretrain(cfg: LlavaConfig, root: str | Path, *, steps: int, batch_size: int 
     def loss_fn(p):
       feats, logits = probe.apply({"params": p}, x)
       w = class_weight[y]
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+      per_patch = optax.softmax_cross_entropy_with_integer_labels(logits, y)
       if prototype_weight:
-        ce = ce + prototype_weight * jnp.mean(jnp.square(feats - targets[y]), -1)
-      return jnp.sum(ce * w) / jnp.sum(w)
+        per_patch += prototype_weight * jnp.mean(jnp.square(feats - targets[y]), -1)
+      return jnp.sum(per_patch * w) / jnp.sum(w)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
