@@ -16,10 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llavamod_jax.losses import IGNORE
 from llavamod_jax.models.configs import TextConfig
-
-
-IGNORE = -100
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,12 +22,12 @@ import torch.nn.functional as F
 import transformers
 
 from llavamod_jax import hf
+from llavamod_jax.losses import IGNORE
 
 
 # The exported Qwen2-MoE has an empty shared expert (Linear(h, 0)); torch warns when building it.
 warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
 
-IGNORE = -100
 AUX_COEF = 0.01
 
 

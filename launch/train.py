@@ -10,7 +10,7 @@ Several processes (one per host; JAX's multi-controller runtime). Start the same
 host; each one reads only its rows of every global batch, so config.data.batch_size stays the global
 batch (it must divide by the number of processes) and the run logs the losses a single process
 would. Process 0 writes metrics.jsonl, TensorBoard, run.json, loss_curves.png and the final report;
-orbax writes the checkpoints from all processes, so the workdir (and config.demo_cache, for the demo
+orbax writes the checkpoints from all processes, so the workdir (and config.demo.cache, for the demo
 teacher) must be one shared path: a shared filesystem or gs://.
   --distributed=auto|on|off  auto (default): start `jax.distributed` when --coordinator_address (or
                              $JAX_COORDINATOR_ADDRESS) is set or on a Cloud TPU VM, where JAX finds
@@ -66,13 +66,15 @@ def main(argv):
   # Before anything touches JAX's devices: initialize must come first on every process.
   distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value, _local_device_ids())
-  from llavamod_jax.train import loop
+  from llavamod_jax.train import loop, report
 
   cfg = _CONFIG.value
+  if "demo" in cfg:  # the embedded default: build its assets, then train on them as on any inputs
+    from llavamod_jax import demo
+    cfg = demo.prepare(cfg)
   workdir = _WORKDIR.value or f"workdirs/{cfg.stage}"
   loop.run(cfg, workdir)
   if cfg.final_report:
-    from llavamod_jax.train import report
     report.final_report(cfg, workdir)
 
 

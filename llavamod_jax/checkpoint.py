@@ -3,9 +3,10 @@
 Layout of `CKPT_DIR/<step>/`:
   params/        the parameter tree (orbax StandardSave: tensorstore/OCDBT, restorable onto any mesh)
   model_config/  `configs.to_dict(model.cfg)` as JSON, so a checkpoint rebuilds its own module
-The training loop adds its state as further items of the same step (optimizer state, step and rng,
-the grain iterator): pass their handlers to `manager(..., item_handlers=...)` and their args to
-`save_items` / `restore_items`. Readers that only want the model ignore the extra items.
+  opt_state/     the optimizer state (a training run's checkpoints; `save_train_state`)
+  train_state/   JSON: the step, the optimizer's own step count and the rng key data
+  data/          the grain iterator's state, so a resumed run continues on the same batches
+Readers that only want the model ignore the training items.
 
 Orbax writes each step into a temporary directory and renames it into place once every item is
 written, so a crash never leaves a step that looks complete; `save_items` waits for the (async) write
@@ -27,17 +28,19 @@ from llavamod_jax.models import configs
 
 PARAMS = "params"
 MODEL_CONFIG = "model_config"
-# Items a training run adds (llavamod_jax.train.loop); known here so that any reader of a training
-# checkpoint can open it without orbax complaining about unknown items.
 OPT_STATE, TRAIN_STATE, DATA = "opt_state", "train_state", "data"
 
 
-def _handlers() -> dict[str, ocp.CheckpointHandler]:
-  import grain
+def _grain():
+  import grain  # only training checkpoints hold a data iterator
 
+  return grain
+
+
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
   return {PARAMS: ocp.StandardCheckpointHandler(), MODEL_CONFIG: ocp.JsonCheckpointHandler(),
           OPT_STATE: ocp.StandardCheckpointHandler(), TRAIN_STATE: ocp.JsonCheckpointHandler(),
-          DATA: grain.checkpoint.CheckpointHandler()}
+          DATA: _grain().checkpoint.CheckpointHandler()}
 
 
 def _path(ckpt_dir: str | os.PathLike) -> epath.Path:
@@ -101,6 +104,39 @@ def restore_items(mngr: ocp.CheckpointManager, step: int,
 def _stored_items(mngr: ocp.CheckpointManager, step: int) -> set[str]:
   step_dir = epath.Path(mngr.directory) / str(step)
   return {p.name for p in step_dir.iterdir() if p.is_dir()} if step_dir.exists() else set()
+
+
+# ---------------------------------------------------------------------------------------------------
+# A training run: model, optimizer state, step and rng, data iterator.
+
+
+def save_train_state(mngr: ocp.CheckpointManager, step: int, model_cfg, params, opt_state,
+                     meta: dict, data_iter) -> None:
+  """Start writing checkpoint `step` of a run (async: `mngr.wait_until_finished()` ends it).
+  `meta` is JSON (step counters, rng key data). A step that already exists is left as it is."""
+  if step in mngr.all_steps():
+    return
+  mngr.save(step, args=ocp.args.Composite(**{
+      PARAMS: ocp.args.StandardSave(params),
+      MODEL_CONFIG: ocp.args.JsonSave(configs.to_dict(model_cfg)),
+      OPT_STATE: ocp.args.StandardSave(opt_state),
+      TRAIN_STATE: ocp.args.JsonSave(meta),
+      DATA: _grain().checkpoint.CheckpointSave(data_iter),
+  }), force=True)
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, step: int, params, opt_state, data_iter):
+  """(params, opt_state, meta) of checkpoint `step`, restored onto the shapes, dtypes and shardings
+  of the given `params` and `opt_state`; `data_iter` is set to the saved position."""
+  abstract = lambda tree: jax.tree.map(  # noqa: E731
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+  got = restore_items(mngr, step, {
+      PARAMS: ocp.args.StandardRestore(abstract(params)),
+      OPT_STATE: ocp.args.StandardRestore(abstract(opt_state)),
+      TRAIN_STATE: ocp.args.JsonRestore(),
+      DATA: _grain().checkpoint.CheckpointRestore(data_iter),
+  })
+  return got[PARAMS], got[OPT_STATE], got[TRAIN_STATE]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llavamod_jax import generate as generate_lib
-from llavamod_jax import losses
+from llavamod_jax import losses, models
 from llavamod_jax.data import image, pipeline, sources, templates
 
 POPE = "pope"
@@ -82,11 +82,11 @@ def question_record(question: str, images: Sequence[str | bytes] = (), system: s
                     record_id: str = "chat") -> EvalRecord:
   """A one-question record for chat: `<image>\\n` is prepended per image unless the question
   already holds the placeholders."""
-  if images and sources.IMAGE_PLACEHOLDER not in question:
-    question = (sources.IMAGE_PLACEHOLDER + "\n") * len(images) + question
-  found = question.count(sources.IMAGE_PLACEHOLDER)
+  if images and templates.IMAGE_PLACEHOLDER not in question:
+    question = (templates.IMAGE_PLACEHOLDER + "\n") * len(images) + question
+  found = question.count(templates.IMAGE_PLACEHOLDER)
   if found != len(images):
-    raise ValueError(f"the question holds {found} {sources.IMAGE_PLACEHOLDER} placeholder(s) for "
+    raise ValueError(f"the question holds {found} {templates.IMAGE_PLACEHOLDER} placeholder(s) for "
                      f"{len(images)} image(s)")
   messages = ((("system", system),) if system is not None else ()) + (
       ("user", question), ("assistant", ""))
@@ -332,31 +332,14 @@ def kl_to_teacher(student, student_params, teacher, teacher_params,
   return {"kl": total / tokens, "tokens": tokens}
 
 
-def _forward(model, params, batch, prefix=""):
-  def get(name):
-    return batch.get(prefix + name, batch.get(name))
-
-  return model.apply({"params": params}, get("input_ids"), get("pixel_values"),
-                     get("attention_mask"), image_mask=get("image_mask")).logits
-
-
-def _response_first(x, mask):
-  """Each row's masked positions moved to the front, in order -> (moved x, moved mask)."""
-  order = jnp.argsort(~mask, axis=1, stable=True)
-  moved = jnp.take_along_axis(x, order[..., None], axis=1)
-  return moved, jnp.take_along_axis(mask, order, axis=1)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _kl_sum(student, student_params, teacher, teacher_params, batch):
-  s_logits = _forward(student, student_params, batch)
-  t_logits = _forward(teacher, teacher_params, batch, "teacher_")
+  s_logits = models.forward(student, student_params, batch)[0].logits
+  t_logits = models.forward(teacher, teacher_params, batch, "teacher_")[0].logits
   mask = losses.distill_mask(batch["labels"])
   if "teacher_labels" in batch:  # image tokens may differ in number: pair response positions in order
-    s_logits, mask = _response_first(s_logits, mask)
-    t_logits, _ = _response_first(t_logits, losses.distill_mask(batch["teacher_labels"]))
-    n = min(s_logits.shape[1], t_logits.shape[1])
-    s_logits, t_logits, mask = s_logits[:, :n], t_logits[:, :n], mask[:, :n]
+    s_logits, t_logits, mask = losses.pair_positions(
+        s_logits, mask, t_logits, losses.distill_mask(batch["teacher_labels"]))
   count = jnp.sum(mask)
   return losses.kl_distillation(s_logits, t_logits, mask) * count, count
 

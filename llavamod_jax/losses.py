@@ -19,7 +19,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-IGNORE = -100
+from llavamod_jax.data.templates import IGNORE  # noqa: F401 (the label convention's value)
 
 
 def next_token_targets(labels):
@@ -102,7 +102,7 @@ def _chunks(x, size: int):
   return jnp.moveaxis(x.reshape(b, n, size, *x.shape[2:]), 1, 0)
 
 
-def _trained_first(trained, *xs):
+def trained_first(trained, *xs):
   """Each row's trained positions moved to its front, in order (a stable sort per row; rows stay
   rows, so a batch sharded over devices stays where it is): `xs` [batch, seq, ...] permuted alike.
 
@@ -111,6 +111,17 @@ def _trained_first(trained, *xs):
   order = jnp.argsort(~trained, axis=1, stable=True)
   return tuple(jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
                for x in xs)
+
+
+def pair_positions(student_x, student_mask, teacher_x, teacher_mask):
+  """Student and teacher rows whose prompts differ in length (e.g. another image-token count):
+  the k-th trained position of each student row paired with the k-th of the teacher's row.
+  -> (student_x, teacher_x, mask), trained positions first, cut to the shorter sequence (every
+  response fits in it)."""
+  s, mask = trained_first(student_mask, student_x, student_mask)
+  (t,) = trained_first(teacher_mask, teacher_x)
+  n = min(s.shape[1], t.shape[1])
+  return s[:, :n], t[:, :n], mask[:, :n]
 
 
 def _sum_chunks(chunk: Callable, trained, xs, zero, size: int):
@@ -126,7 +137,7 @@ def _sum_chunks(chunk: Callable, trained, xs, zero, size: int):
   across the branch boundary; measured at 512 positions x 32,000)."""
   if xs[0].shape[1] <= size:
     return jax.checkpoint(chunk)(*xs)
-  xs = tuple(_chunks(x, size) for x in _trained_first(trained, *xs, trained))
+  xs = tuple(_chunks(x, size) for x in trained_first(trained, *xs, trained))
 
   @jax.checkpoint
   def skippable(live, *xs_c):

@@ -9,7 +9,8 @@ import pytest
 
 import tiny_run
 from llavamod_jax import evaluation, models
-from llavamod_jax.data import image, sources, synthetic, templates
+from llavamod_jax.data import image, sources, templates
+from llavamod_jax.demo import synthetic
 
 # --- pure metrics ------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent(r'''
     from llavamod_jax import models, moe, sharding
     from llavamod_jax.models.configs import LlavaConfig, TextConfig, VisionConfig
     from llavamod_jax.train import steps
-    from llavamod_jax.train.loop import batch_to_device, make_mesh, place
+    from llavamod_jax.sharding import batch_to_device, make_mesh, place
     import ml_collections
 
     text = TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -61,14 +61,14 @@ SCRIPT = textwrap.dedent(r'''
                          for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref[2])))
     out = {}
     for name, axes in {"data8": dict(data=8), "data2_expert4": dict(data=2, expert=4)}.items():
-      v, m, g, logits, shard = run(make_mesh(cfg(**axes)))
+      v, m, g, logits, shard = run(make_mesh(cfg(**axes).mesh))
       out[name] = {"loss": float(abs(v - ref[0]) / abs(ref[0])),
                    "logits": float(np.max(np.abs(logits - ref[3])) / np.max(np.abs(ref[3]))),
                    "grads": gerr(g), "expert_shard": list(shard)}
 
     # The loop's mimic step, with an "optimizer" that keeps the gradients as its state. The step
     # enters the mesh of its arguments, so the MoE layers dispatch expert-parallel by all-to-all.
-    mesh = make_mesh(cfg(fsdp=2, expert=2, tensor=2))
+    mesh = make_mesh(cfg(fsdp=2, expert=2, tensor=2).mesh)
     tx = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p),
                                       lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
     state = steps.init_state(place(student, jax.device_get(sp), mesh), [".*"], tx)
@@ -117,7 +117,7 @@ RESTORE = textwrap.dedent(r'''
     from jax.sharding import Mesh
     from llavamod_jax import checkpoint, models, moe
     from llavamod_jax.models.configs import TextConfig
-    from llavamod_jax.train.loop import place
+    from llavamod_jax.sharding import place
 
     dense = models.build(TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                                     num_heads=4, num_kv_heads=2))
@@ -147,3 +147,41 @@ def test_checkpoint_restores_across_meshes(tmp_path):
   assert same1 == "True" and same8 == "True"
   assert devices1 == "1"
   assert shard8.strip() == "(1, 16, 64)"  # expert over 4 devices, embed over fsdp 2
+
+
+CONSTRAINTS = textwrap.dedent(r'''
+    import json, re
+    import jax, numpy as np, optax
+    from llavamod_jax import models
+    from llavamod_jax.models.configs import TextConfig
+    from llavamod_jax.sharding import batch_to_device, make_mesh, place
+    from llavamod_jax.train import steps
+
+    lm = models.build(TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
+                                 num_heads=4, num_kv_heads=2))
+    mesh = make_mesh({"data": 2, "fsdp": 2, "expert": 2, "tensor": 1})
+    tx = optax.sgd(0.1)
+    state = steps.init_state(place(lm, models.init_params(lm, 0), mesh), [".*"], tx)
+    ids = np.arange(8 * 16, dtype=np.int32).reshape(8, 16) % 60
+    batch = batch_to_device({"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids},
+                            mesh)
+    step = steps.make_train_step("sft", lm, None, tx)
+    pattern = re.compile(r"sdy\.sharding_constraint %\S+ <@mesh, \[([^\]]*)\]> : tensor<8x16x32xf32>")
+    ruled = pattern.findall(step.lower(state, batch, None).as_text())
+    bare = pattern.findall(step.jitted.lower(state, batch, None).as_text())  # no rules context
+    print("RESULT" + json.dumps([len(ruled), sorted(set(ruled)), len(bare)]))
+''')
+
+
+def test_activation_constraints_follow_the_rules_on_the_step_mesh():
+  """activation_batch -> (data, fsdp): each decoder layer's output [batch, seq, embed] is constrained
+  to be split over data and fsdp by rows, in the step the loop runs; without the rules context that
+  the step enters, flax drops the constraint."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  p = subprocess.run([sys.executable, "-c", CONSTRAINTS], env=env, capture_output=True, text=True,
+                     timeout=600)
+  assert p.returncode == 0, p.stderr[-4000:]
+  ruled, specs, bare = json.loads(p.stdout.split("RESULT", 1)[1])
+  assert ruled >= 3 + 1  # every layer's output and the final hidden states
+  assert specs == ['{"data", "fsdp"}, {}, {}']
+  assert bare == 0

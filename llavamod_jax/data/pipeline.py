@@ -38,7 +38,7 @@ per image); this equals transformers' batch-wide in-order scatter whenever every
 Preference mode stacks chosen and rejected: rows [0, B) are prompt + chosen, rows [B, 2B) prompt +
 rejected (same prompt, same images, duplicated into both rows' slots), so input_ids etc. are [2B, L]
 and pixel_values [2*B*K, H, W, 3]; labels cover only the response. (With several processes each one
-stacks its own rows so; `train.loop.batch_to_device` regroups the global batch into all chosen rows,
+stacks its own rows so; `sharding.batch_to_device` regroups the global batch into all chosen rows,
 then all rejected rows.)
 Views: teacher and student may expand `<image>` to different token counts and preprocess images
 differently. Each `View` adds its own keys (prefixed by `View.prefix`, e.g. "teacher_"). The view

@@ -30,7 +30,8 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 
-IMAGE_PLACEHOLDER = "<image>"
+from llavamod_jax.data.templates import IMAGE_PLACEHOLDER
+
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system"}
 KINDS = ("conversation", "preference")

@@ -6,7 +6,7 @@ from llavamod_jax.models.llm import DecoderLM, init_cache
 from llavamod_jax.models.vision import VisionTower
 
 __all__ = ["DecoderLM", "Llava", "LlavaConfig", "TextConfig", "VisionConfig", "VisionTower", "build",
-           "init_cache", "abstract_params", "init_params", "dummy_inputs"]
+           "init_cache", "abstract_params", "init_params", "dummy_inputs", "forward"]
 
 
 def build(cfg):
@@ -50,3 +50,20 @@ def init_params(model, seed: int = 0):
   import jax
 
   return nn.unbox(jax.jit(lambda rng: _init(model, rng))(jax.random.key(seed)))
+
+
+def forward(model, params, batch, prefix: str = "", *, train: bool = False, rng=None,
+            logits: bool = True):
+  """`model` on a batch's arrays -> (output, the MoE collection: aux losses and routing metrics).
+
+  `prefix` reads that view's arrays (`teacher_input_ids`, ...; data.pipeline) where the batch has
+  them, the shared ones elsewhere. `rng` feeds router noise; `logits=False` leaves the LM head out
+  (for chunked losses)."""
+  def get(name):
+    return batch.get(prefix + name, batch.get(name))
+
+  rngs = {"router": rng} if rng is not None else {}
+  out, state = model.apply({"params": params}, get("input_ids"), get("pixel_values"),
+                           get("attention_mask"), image_mask=get("image_mask"), train=train,
+                           compute_logits=logits, mutable=["moe"], rngs=rngs)
+  return out, state.get("moe", {})

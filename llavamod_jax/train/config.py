@@ -1,95 +1,127 @@
-"""The run configuration every stage shares; `configs/<stage>.py` files start from `base()`.
+"""The run configuration: every field the trainer reads, with its default and what it means.
 
-Everything `launch/train.py` reads is here, so a command-line override (`--config.optimizer.lr=1e-4`)
-reaches it and an unknown key is an error. Models come from one of:
-  "hf"       an HF directory (`hf_dir`)
-  "workdir"  the latest checkpoint of a previous stage's workdir (`workdir`)
-  "compose"  a new LLaVA from a vision-tower HF dir + an LLM HF dir + a fresh projector (the paper's
-             student before the adaptor stage)
-  "demo"     the embedded default: tiny models for the synthetic shapes set (sizes in `demo`)
+`configs/<stage>.py` start from `base()` and set their own values; a command-line override
+(`--config.optimizer.lr=1e-4`) reaches any field here and an unknown key is an error.
+
+Models come from one of (`student.init`, `teacher.init`):
+  hf        an HF directory (`hf_dir`)
+  workdir   the latest checkpoint of a previous stage's workdir (`workdir`)
+  compose   a new LLaVA from a vision-tower HF dir + an LLM HF dir + a fresh projector (the paper's
+            student before the adaptor stage)
+  scratch   a new LLaVA with random weights of the sizes in `scratch`; its vision tower comes from
+            `vision_hf_dir` when one is given
+  none      no teacher (stages without one)
+Configs with a `demo` section (the embedded default) may also say `demo`: `llavamod_jax.demo.prepare`
+turns that into the plain inputs above before training (launch/train.py calls it).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
+# Stage name -> the kind of step it trains with (train/steps.py).
 STAGES = {"teacher": "sft", "adaptor": "sft", "mimic": "mimic", "preference": "preference"}
+INITS = ("hf", "workdir", "compose", "scratch")
 EXPERT_PARALLEL = ("auto", "all_to_all", "gspmd")
 
 
-def model_source(init: str = "demo") -> ml_collections.ConfigDict:
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """The loss options of every step kind (`config.loss` holds the same fields)."""
+
+  kl_weight: float = 1.0  # weight of KL(teacher || student) in the mimic loss
+  ce_weight: float = 0.0  # next-token CE weight: the original's only_kd 0 (d2d), kd_lm 1 (d2s)
+  aux_coef: float = 0.01  # MoE load-balancing loss coefficient, summed over MoE layers
+  z_coef: float = 0.0  # router z-loss coefficient
+  temperature: float = 1.0  # both distributions at this temperature
+  reverse_kl: bool = False  # KL(student || teacher) instead
+  shift_mask: bool = True  # False: the original's off-by-one distillation mask
+  chunk_size: int = 0  # > 0: KL / CE over sequence chunks of this many positions, no full logits
+  vocab_size: int = 0  # distil over the first N logits; 0: the smaller of the two vocabularies
+  beta: float = 0.1  # preference: the DPO beta
+  loss_type: str = "sigmoid"  # preference: sigmoid (DPO) | kto_pair | ipo | hinge
+  label_smoothing: float = 0.0  # preference: conservative DPO's label noise
+
+
+def model_source(init: str = "scratch") -> ml_collections.ConfigDict:
+  """Where the student's or the teacher's model comes from, and how it computes."""
   return ml_collections.ConfigDict({
-      "init": init,
-      "hf_dir": "",
-      "workdir": "",
-      "vision_hf_dir": "",
-      "llm_hf_dir": "",
-      "dtype": "float32",
-      "param_dtype": "float32",
-      "remat": False,
-      # Sparse upcycling of the LLM (num_experts 0: keep it dense).
+      "init": init,  # hf | workdir | compose | scratch (| none: no teacher); see the docstring
+      "hf_dir": "",  # init=hf: an HF LLaVA (or causal LM) directory
+      "workdir": "",  # init=workdir: a training workdir (its latest checkpoint), local or gs://
+      "vision_hf_dir": "",  # compose, scratch: the vision tower (CLIP/SigLIP dir, or a LLaVA's)
+      "llm_hf_dir": "",  # compose: the language model's HF directory
+      "dtype": "float32",  # compute dtype (bfloat16 on accelerators)
+      "param_dtype": "float32",  # parameter (and optimizer state) dtype
+      "remat": False,  # recompute each decoder layer in the backward pass (less activation memory)
+      # Sparse upcycling of the LLM (num_experts 0: keep it dense). layers: sparse (0, 2, 4, ...) |
+      # first_half | second_half | all | a comma-separated list of indices.
       "upcycle": {"num_experts": 0, "top_k": 2, "layers": "sparse", "seed": 0},
-      # expert_parallel: how dropless dispatch crosses the mesh's expert axis (models/moe_block.py):
-      # auto | all_to_all (shard_map + all-to-all) | gspmd (XLA places it).
-      "moe": {"dispatch": "dropless", "impl": "auto", "capacity_factor": 1.5,
-              "eval_capacity_factor": 2.0, "min_capacity": 0, "router_noise": "none",
-              "expert_parallel": "auto"},
-      # Tiny models of the embedded default (init="demo"). Their init std is near 1/sqrt(hidden), not
-      # HF's 0.02 (a large model's): at hidden 128, 0.02 leaves every attention score near 0 and the
-      # demo teacher never learned, within 1,600 steps, to look up the object a question names (POPE
-      # stayed at chance, even with the objects written out as text).
-      "demo": {"hidden_size": 128, "intermediate_size": 256, "num_layers": 4, "num_heads": 4,
-               "num_kv_heads": 2, "vision_hidden_size": 96, "vision_layers": 3, "vision_heads": 4,
-               "patch_size": 8, "vision_feature_layer": -1, "share_vision_from_teacher": True,
-               "initializer_range": 0.1},
+      "moe": {
+          "dispatch": "dropless",  # dropless | capacity (the original's DeepSpeed gate)
+          "impl": "auto",  # dropless kernel: auto | ragged | blocked | dense
+          "capacity_factor": 1.5,  # capacity dispatch, training
+          "eval_capacity_factor": 2.0,  # capacity dispatch, evaluation
+          "min_capacity": 0,  # capacity dispatch: at least this many slots per expert
+          "router_noise": "none",  # none | gumbel (the original's, on the 2nd choice, even at eval)
+          "expert_parallel": "auto",  # auto | all_to_all (shard_map) | gspmd (XLA places it)
+      },
+      # init=scratch: the sizes of a new LLaVA (Qwen2 LM, CLIP tower).
+      "scratch": {
+          "hidden_size": 128, "intermediate_size": 256, "num_layers": 4, "num_heads": 4,
+          "num_kv_heads": 2, "rope_theta": 10000.0, "max_position_embeddings": 1024,
+          "initializer_range": 0.02,  # init std of the LM and projector (HF's default)
+          "vision_hidden_size": 96, "vision_layers": 3, "vision_heads": 4, "patch_size": 8,
+          "image_size": 64, "vision_feature_layer": -1,
+      },
   })
 
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.stage = "mimic"
-  c.seed = 0
-  c.total_steps = 300
-  c.log_every = 10
-  c.checkpoint_every = 100
-  c.keep_checkpoints = 2
-  c.eval_every = 0  # 0: evaluate only at the end
-  c.eval_batches = 4
+  c.stage = "mimic"  # teacher | adaptor | mimic | preference (STAGES)
+  c.seed = 0  # parameter init of new parts, data order, router noise
+  c.total_steps = 300  # optimizer steps
+  c.log_every = 10  # metrics.jsonl / TensorBoard / log line every N steps
+  c.checkpoint_every = 100  # save every N steps (and at the end, and on SIGTERM)
+  c.keep_checkpoints = 2  # how many checkpoints the workdir keeps
+  c.eval_every = 0  # held-out loss every N steps (0: never during training)
+  c.eval_batches = 4  # batches of data.eval_files per held-out evaluation (0: one pass)
   c.nan_policy = "stop"  # stop | skip (a non-finite step never updates the state either way)
-  c.demo_cache = "workdirs/demo_cache"  # synthetic data, tokenizer and demo teacher live here
-  c.demo_teacher_steps = 1600  # training steps of the demo teacher when it is not cached yet
-  c.demo_vision_steps = 600  # demo teacher's vision-tower pretraining steps (0: none; train/tower.py)
-  c.final_report = True  # evaluate student (and teacher) on held-out data at the end
+  c.final_report = True  # after training: generate answers on data.report_files, score them
 
+  # Devices: sizes of the mesh axes; -1 takes the devices the others leave.
   c.mesh = {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1}
-  c.student = model_source("demo")
-  c.teacher = model_source("demo")
-  c.trainable = "dense_to_sparse"  # a stage in train.optim.STAGE_TRAINABLE or a list of regexes
+  c.student = model_source("scratch")
+  c.teacher = model_source("none")
+  c.trainable = "dense_to_sparse"  # a stage of train.optim.STAGE_TRAINABLE, or a regex over paths
 
   c.data = ml_collections.ConfigDict({
-      "source": "shapes",  # shapes (the synthetic set in demo_cache) | files
-      "train_files": [],
-      "weights": [],
-      "eval_files": [],
-      "image_root": "",
-      "tokenizer": "",  # "" -> the student's HF dir (or the demo tokenizer)
-      "template": "qwen",
-      "image_aspect": "pad",
-      "max_length": 128,
-      "batch_size": 16,
-      "images_per_sample": 1,
-      "worker_count": 0,
-      "shuffle": True,
-      "shapes": {"num_train": 4000, "num_eval": 200, "image_size": 64, "file": "train.jsonl"},
+      "train_files": [],  # LLaVA JSON / JSONL records; a mixture when several
+      "weights": [],  # per-file rates: records of file i per pass = weight * its size (empty: 1)
+      "eval_files": [],  # held-out records of the same kind, for eval_every
+      "report_files": [],  # conversation records the final report scores (empty: eval_files)
+      "image_root": "",  # relative image paths are joined to it ("": each file's directory)
+      "tokenizer": "",  # "" -> the student's (HF dir, workdir or LLM dir)
+      "template": "qwen",  # qwen (the original's) | chatml | plain
+      "image_aspect": "pad",  # pad (to square, mean colour) | square | none
+      "max_length": 128,  # tokens per row, image tokens included
+      "batch_size": 16,  # global batch (rows; preference: pairs)
+      "images_per_sample": 1,  # image slots per row
+      "worker_count": 0,  # grain worker processes
+      "shuffle": True,  # shuffle train_files (seeded; reshuffled every epoch)
   })
-  c.loss = ml_collections.ConfigDict({
-      "kl_weight": 1.0, "ce_weight": 0.0, "aux_coef": 0.01, "z_coef": 0.0, "temperature": 1.0,
-      "reverse_kl": False, "shift_mask": True, "chunk_size": 0, "vocab_size": 0,
-      "beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0,
-  })
+  c.loss = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))  # fields: LossConfig
   c.optimizer = ml_collections.ConfigDict({
-      "lr": 2e-5, "warmup_ratio": 0.03, "weight_decay": 0.0, "grad_clip_norm": 1.0,
-      "grad_accum_steps": 1, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "end_ratio": 0.0,
+      "lr": 2e-5,  # peak learning rate (linear warmup, then cosine)
+      "warmup_ratio": 0.03,  # linear warmup over this fraction of total_steps (the original's)
+      "end_ratio": 0.0,  # final learning rate as a fraction of lr
+      "weight_decay": 0.0,  # AdamW's decoupled weight decay
+      "grad_clip_norm": 1.0,  # global-norm clipping (0: none, as the original's DeepSpeed config)
+      "grad_accum_steps": 1,  # micro-batches per step; must divide data.batch_size
+      "b1": 0.9, "b2": 0.999, "eps": 1e-8,  # AdamW's moment decays and epsilon
   })
   return c
 
@@ -104,11 +136,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key in ("total_steps", "log_every", "checkpoint_every"):
     if c[key] < 1:
       fail(key, f"must be >= 1, got {c[key]}")
+  for key in ("eval_every", "eval_batches"):
+    if c[key] < 0:
+      fail(key, f"must be >= 0, got {c[key]}")
   if c.nan_policy not in ("stop", "skip"):
     fail("nan_policy", f"{c.nan_policy!r}: expected 'stop' or 'skip'")
   for who in ("student", "teacher"):
     src = c[who]
-    inits = ("hf", "workdir", "compose", "demo") + (("none",) if who == "teacher" else ())
+    inits = INITS + (("none",) if who == "teacher" else ())
+    if src.init == "demo":
+      fail(f"{who}.init", "'demo' is resolved by llavamod_jax.demo.prepare(config) before training "
+           "(launch/train.py does it for configs with a demo section)")
     if src.init not in inits:
       fail(f"{who}.init", f"{src.init!r}: expected one of {inits}")
     needs = {"hf": ["hf_dir"], "workdir": ["workdir"], "compose": ["vision_hf_dir", "llm_hf_dir"]}
@@ -123,10 +161,29 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"{who}.moe.impl auto|ragged|blocked, got dispatch={m.dispatch!r}, impl={m.impl!r}")
   if STAGES[c.stage] in ("mimic", "preference") and c.teacher.init == "none":
     fail("teacher.init", f"stage {c.stage!r} needs a teacher")
-  if c.data.source not in ("shapes", "files"):
-    fail("data.source", f"{c.data.source!r}: expected 'shapes' or 'files'")
-  if c.data.source == "files" and not c.data.train_files:
-    fail("data.train_files", "required when data.source='files'")
+  if not c.data.train_files:
+    fail("data.train_files", "no training data given")
+  if c.eval_every and not c.data.eval_files:
+    fail("data.eval_files", f"required when eval_every={c.eval_every}")
   if c.data.batch_size % c.optimizer.grad_accum_steps:
     fail("optimizer.grad_accum_steps", f"{c.optimizer.grad_accum_steps} does not divide "
          f"data.batch_size={c.data.batch_size}")
+
+
+def paper_data(c: ml_collections.ConfigDict, files: list[str], image_root: str, *, batch: int,
+               accum: int, lr: float) -> None:
+  """The original scripts' training setting at paper scale: 2,048 tokens, per-device batch x
+  accumulation, bf16, no clipping, chunked KL."""
+  c.data.train_files = files
+  c.data.image_root = image_root
+  c.data.max_length = 2048
+  c.data.batch_size = batch * accum
+  c.data.worker_count = 8
+  c.optimizer.grad_accum_steps = accum
+  c.optimizer.lr = lr
+  c.optimizer.grad_clip_norm = 0.0  # the original's DeepSpeed config applies no clipping
+  c.student.dtype = c.teacher.dtype = "bfloat16"
+  c.loss.chunk_size = 512
+  c.total_steps = 10000
+  c.log_every = 10
+  c.checkpoint_every = 500

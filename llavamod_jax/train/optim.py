@@ -21,18 +21,14 @@ STAGE_TRAINABLE = {
     "dense_to_sparse": (r"language_model/layers_\d+/mlp/.*", r"multi_modal_projector/.*"),
     "preference": (r"language_model/layers_\d+/mlp/.*", r"multi_modal_projector/.*"),
     "all": (r".*",),
-    # The language model alone (the demo teacher: pretrained tower, fixed projector; train/build.py).
-    "llm": (r"language_model/.*",),
 }
 
 
 def trainable_patterns(spec: str | Sequence[str]) -> tuple[str, ...]:
-  """A stage name from STAGE_TRAINABLE, or explicit regexes."""
+  """A stage name from STAGE_TRAINABLE, one regular expression over parameter paths (any other
+  string), or a list of them."""
   if isinstance(spec, str):
-    if spec not in STAGE_TRAINABLE:
-      raise ValueError(f"trainable {spec!r}: expected a stage in {sorted(STAGE_TRAINABLE)} or a list "
-                       f"of regular expressions over parameter paths")
-    return STAGE_TRAINABLE[spec]
+    return STAGE_TRAINABLE.get(spec, (spec,))
   return tuple(spec)
 
 
@@ -42,8 +38,8 @@ def partition(params, patterns: Sequence[str]):
   flat = traverse_util.flatten_dict(params, sep="/")
   train = {k: v for k, v in flat.items() if any(c.fullmatch(k) for c in compiled)}
   if not train:
-    raise ValueError(f"no parameter matches the trainable patterns {list(patterns)}; "
-                     f"paths look like {sorted(flat)[:3]}")
+    raise ValueError(f"no parameter matches the trainable patterns {list(patterns)}; paths look "
+                     f"like {sorted(flat)[:3]}; stage names: {sorted(STAGE_TRAINABLE)}")
   frozen = {k: v for k, v in flat.items() if k not in train}
   return (traverse_util.unflatten_dict(train, sep="/"), traverse_util.unflatten_dict(frozen, sep="/"))
 

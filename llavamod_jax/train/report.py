@@ -1,20 +1,17 @@
 """The end of a run: student (and teacher) quality on held-out data, printed and saved.
 
-The demo's numbers: exact-match accuracy per synthetic task (color, count, position, caption), POPE
-accuracy/F1/yes-ratio, activated parameters per token, and the mean KL to the teacher.
+Answers generated for `data.report_files` (else `data.eval_files`), scored per task (exact match;
+POPE accuracy / F1 / yes-ratio), activated parameters per token, and the mean KL to the teacher.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
-
 import jax
 
 from llavamod_jax import evaluation, fileutil, workdir as workdir_lib
 from llavamod_jax.models.configs import LlavaConfig
-from llavamod_jax.train import build
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +43,12 @@ def final_report(cfg, workdir, *, limit: int = 200, batch_size: int = 16) -> dic
   Every process of a multi-process run computes it (orbax reads are collective; the evaluation runs
   on each process's own devices); process 0 writes and prints it. `workdir` may be a gs:// URI."""
   workdir = fileutil.path(workdir)
+  files = list(cfg.data.report_files or cfg.data.eval_files)
+  if not files:
+    log.info("final report: no data.report_files or data.eval_files, nothing to score")
+    return {}
   student, sparams, tokenizer, info = workdir_lib.load_model(workdir)
-  files, root = build.eval_files(cfg)
-  if cfg.stage == "preference":  # preference eval pairs are scored by the VQA / POPE questions
-    files = [str(Path(files[0]).with_name("eval.jsonl"))]
-  records = evaluation.read_records(files, image_root=root, limit=limit)
+  records = evaluation.read_records(files, image_root=cfg.data.image_root or None, limit=limit)
   report = {"student": _quality(student, sparams, tokenizer, info, records, batch_size)}
   if info.teacher:
     teacher, tparams, ttok, tinfo = workdir_lib.load_model(info.teacher)

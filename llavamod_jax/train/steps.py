@@ -4,7 +4,9 @@ A step is `state, metrics = step(state, batch, teacher_params)`; the train state
 buffers are reused for the new state. Inside one jit: the teacher's forward (no gradient), the
 student's forward and backward over the trainable parameters only, gradient accumulation over
 micro-batches, the optimizer update. A step whose loss or gradient is not finite leaves the state
-unchanged and reports `skipped=1`; the loop decides whether to stop.
+unchanged and reports `skipped=1`; the loop decides whether to stop. A step runs on the mesh its
+placed arguments live on, inside the sharding rules context (`sharding.on_argument_mesh`), so the
+models' activation constraints take effect.
 
 Batch (arrays, leading dim = global batch): `input_ids`, `attention_mask`, `labels` [B, S]
 (`losses.IGNORE` where not trained), optional `pixel_values` [B * images_per_sample, H, W, 3] with
@@ -17,18 +19,17 @@ positions are then paired in order. Preference batches hold the chosen rows then
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding
-
-from llavamod_jax import losses, moe
+from llavamod_jax import losses, models, moe, sharding
+from llavamod_jax.train.config import LossConfig
 from llavamod_jax.train.optim import merge, partition
+
+__all__ = ["LossConfig", "TrainState", "init_state", "loss_fn", "make_eval_step", "make_train_step"]
 
 
 @flax.struct.dataclass
@@ -49,37 +50,9 @@ def init_state(params, patterns, tx: optax.GradientTransformation, seed: int = 0
                     rng=jax.random.key(seed))
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-  kl_weight: float = 1.0
-  ce_weight: float = 0.0  # the original: 0 for dense-to-dense (only_kd), 1 for dense-to-sparse (kd_lm)
-  aux_coef: float = 0.01  # load-balancing loss coefficient, summed over MoE layers
-  z_coef: float = 0.0  # router z-loss coefficient
-  temperature: float = 1.0
-  reverse_kl: bool = False
-  shift_mask: bool = True  # False: the original's off-by-one distillation mask
-  chunk_size: int = 0  # > 0: memory-bounded KL/CE over sequence chunks of this many positions
-  vocab_size: int = 0  # 0: the smaller of the two vocabularies
-  beta: float = 0.1
-  loss_type: str = "sigmoid"
-  label_smoothing: float = 0.0
-
-
 # ---------------------------------------------------------------------------------------------
 # Forward passes.
 # ---------------------------------------------------------------------------------------------
-
-
-def _apply(model, params, batch, prefix: str = "", *, train: bool, rng=None, logits: bool = True):
-  """(output, moe aux/metrics state) of `model` on the batch (or its `teacher_` arrays)."""
-  def get(name):
-    return batch.get(prefix + name, batch.get(name))
-
-  rngs = {"router": rng} if rng is not None else {}
-  out, state = model.apply({"params": params}, get("input_ids"), get("pixel_values"),
-                           get("attention_mask"), image_mask=get("image_mask"), train=train,
-                           compute_logits=logits, mutable=["moe"], rngs=rngs)
-  return out, state.get("moe", {})
 
 
 def _moe_metrics(moe_state) -> dict[str, jax.Array]:
@@ -101,14 +74,6 @@ def _aux_terms(moe_state, cfg: LossConfig):
           {"aux": aux["load_balancing_loss"], "z_loss": aux["z_loss"]})
 
 
-def _by_response(x, mask):
-  """Move each row's masked positions to the front, in order: (x [B, S, ...] moved, new mask)."""
-  order = jnp.argsort(~mask, axis=1, stable=True)
-  counts = jnp.sum(mask, axis=1, keepdims=True)
-  moved = jnp.take_along_axis(x, order[..., None], axis=1)
-  return moved, jnp.arange(mask.shape[1])[None] < counts
-
-
 # ---------------------------------------------------------------------------------------------
 # Losses of each step kind: fn(params, teacher_params, batch, rng, train) -> (loss, metrics).
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +83,8 @@ def sft_loss(student, cfg: LossConfig):
   def fn(params, teacher_params, batch, rng, train):
     del teacher_params
     chunked = cfg.chunk_size > 0  # no full-vocabulary logits (bench/mimic_memory.py)
-    out, moe_state = _apply(student, params, batch, train=train, rng=rng, logits=not chunked)
+    out, moe_state = models.forward(student, params, batch, train=train, rng=rng,
+                                    logits=not chunked)
     if chunked:
       head = lambda h: student.apply({"params": params}, h, method=student.logits)  # noqa: E731
       targets, mask = losses.next_token_targets(batch["labels"])
@@ -137,8 +103,9 @@ def mimic_loss(student, teacher, cfg: LossConfig):
 
   def fn(params, teacher_params, batch, rng, train):
     chunked = cfg.chunk_size > 0
-    t_out, _ = _apply(teacher, teacher_params, batch, "teacher_", train=False, logits=not chunked)
-    s_out, moe_state = _apply(student, params, batch, train=train, rng=rng, logits=not chunked)
+    t_out, _ = models.forward(teacher, teacher_params, batch, "teacher_", logits=not chunked)
+    s_out, moe_state = models.forward(student, params, batch, train=train, rng=rng,
+                                      logits=not chunked)
     labels = batch["labels"]
     kl_mask = losses.distill_mask(labels, cfg.shift_mask)
     targets, ce_mask = losses.next_token_targets(labels)
@@ -148,10 +115,8 @@ def mimic_loss(student, teacher, cfg: LossConfig):
     if aligned:
       s_kl, kl_mask_kl = s_repr, kl_mask
     else:  # different prompt lengths: pair the response positions of both, in order
-      t_repr, _ = _by_response(t_repr, losses.distill_mask(batch["teacher_labels"], cfg.shift_mask))
-      s_kl, kl_mask_kl = _by_response(s_repr, kl_mask)
-      n = min(s_kl.shape[1], t_repr.shape[1])  # every response fits in the shorter sequence
-      s_kl, kl_mask_kl, t_repr = s_kl[:, :n], kl_mask_kl[:, :n], t_repr[:, :n]
+      s_kl, t_repr, kl_mask_kl = losses.pair_positions(
+          s_repr, kl_mask, t_repr, losses.distill_mask(batch["teacher_labels"], cfg.shift_mask))
     kl_kw = dict(temperature=cfg.temperature, reverse=cfg.reverse_kl, vocab_size=vocab)
     metrics = {}
     if chunked:
@@ -183,12 +148,12 @@ def mimic_loss(student, teacher, cfg: LossConfig):
 
 def preference_loss(student, teacher, cfg: LossConfig):
   def fn(params, teacher_params, batch, rng, train):
-    s_out, moe_state = _apply(student, params, batch, train=train, rng=rng)
+    s_out, moe_state = models.forward(student, params, batch, train=train, rng=rng)
     policy = losses.sequence_logps(s_out.logits, batch["labels"])
     if "reference_logps" in batch:
       reference = batch["reference_logps"]
     else:
-      t_out, _ = _apply(teacher, teacher_params, batch, "teacher_", train=False)
+      t_out, _ = models.forward(teacher, teacher_params, batch, "teacher_", train=False)
       reference = losses.sequence_logps(t_out.logits, batch.get("teacher_labels", batch["labels"]))
     reference = jax.lax.stop_gradient(reference)
     half = policy.shape[0] // 2
@@ -223,38 +188,6 @@ def _micro_batches(batch, n: int):
       raise ValueError(f"batch dimension {x.shape[0]} is not divisible by grad_accum_steps={n}")
     return x.reshape(n, x.shape[0] // n, *x.shape[1:])
   return jax.tree.map(split, batch)
-
-
-class _OnArgumentMesh:
-  """A jitted step that runs (traces, lowers) with the mesh its placed arguments live on as the
-  context mesh (`jax.set_mesh`), which is how MoE blocks find the mesh for expert-parallel dispatch
-  (models/expert_parallel.py). Arguments on one device, or on no mesh: no context. Everything else
-  is the jitted function's."""
-
-  def __init__(self, jitted):
-    self.jitted = jitted
-
-  @staticmethod
-  def _mesh_of(args):
-    for x in jax.tree.leaves(args):
-      if isinstance(getattr(x, "sharding", None), NamedSharding):
-        return jax.set_mesh(x.sharding.mesh)
-    return contextlib.nullcontext()
-
-  def __call__(self, *args):
-    with self._mesh_of(args):
-      return self.jitted(*args)
-
-  def lower(self, *args):
-    with self._mesh_of(args):
-      return self.jitted.lower(*args)
-
-  def trace(self, *args):
-    with self._mesh_of(args):
-      return self.jitted.trace(*args)
-
-  def __getattr__(self, name):
-    return getattr(self.jitted, name)
 
 
 def make_train_step(kind: str, student, teacher, tx: optax.GradientTransformation,
@@ -301,7 +234,7 @@ def make_train_step(kind: str, student, teacher, tx: optax.GradientTransformatio
       metrics["learning_rate"] = schedule(state.step)
     return new_state, metrics
 
-  return _OnArgumentMesh(jax.jit(step, donate_argnums=(0,)))
+  return sharding.on_argument_mesh(jax.jit(step, donate_argnums=(0,)))
 
 
 def _interleave_halves(batch, n: int):
@@ -320,5 +253,5 @@ def make_eval_step(kind: str, student, teacher, cfg: LossConfig = LossConfig(), 
   `rng` is needed only by a student with Gumbel router noise (the original adds it at eval too).
   """
   loss = loss_fn(kind, student, teacher, cfg)
-  return _OnArgumentMesh(jax.jit(lambda params, batch, teacher_params: loss(
+  return sharding.on_argument_mesh(jax.jit(lambda params, batch, teacher_params: loss(
       params, teacher_params, batch, rng, False)[1]))

@@ -15,7 +15,8 @@ from absl import app, flags
 
 import tiny_run
 from llavamod_jax import evaluation, generate, workdir
-from llavamod_jax.data import image, synthetic, templates
+from llavamod_jax.data import image, templates
+from llavamod_jax.demo import synthetic
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,8 +14,7 @@ import pytest
 import tiny_run
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llavamod_jax import checkpoint, models
-from llavamod_jax.train import loop
+from llavamod_jax import checkpoint, models, sharding
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -23,8 +22,8 @@ STEPS = 4
 # teacher to train) and a small shapes set; the default mesh puts all 4 devices on "data".
 TINY = [f"--config={REPO / 'configs/mimic.py'}", f"--config.total_steps={STEPS}",
         "--config.log_every=1", "--config.checkpoint_every=2", "--config.final_report=False",
-        "--config.data.shapes.num_train=24", "--config.data.shapes.num_eval=4",
-        "--config.data.shapes.image_size=32", "--config.data.shapes.file=captions_train.jsonl",
+        "--config.demo.shapes.num_train=24", "--config.demo.shapes.num_eval=4",
+        "--config.demo.shapes.image_size=32", "--config.demo.shapes.file=captions_train.jsonl",
         "--config.data.batch_size=4", "--config.data.max_length=128", "--config.optimizer.lr=1e-2"]
 KEYS = ("loss", "kl", "ce", "aux", "grad_norm")
 
@@ -69,7 +68,7 @@ def runs(tmp_path_factory):
   teacher = models.build(tiny_run.llava_config())
   tiny_run.make_workdir(root / "student", student, sparams)
   tiny_run.make_workdir(root / "teacher", teacher, tiny_run.random_params(teacher, seed=3))
-  common = [*TINY, f"--config.demo_cache={root / 'cache'}",
+  common = [*TINY, f"--config.demo.cache={root / 'cache'}",
             "--config.student.init=workdir", f"--config.student.workdir={root / 'student'}",
             "--config.teacher.init=workdir", f"--config.teacher.workdir={root / 'teacher'}"]
   # Two processes first, so that their process 0 builds the shapes set while process 1 waits.
@@ -117,8 +116,8 @@ def test_files_are_written_once_and_the_checkpoint_restores(runs):
 
 def test_pair_order_groups_chosen_then_rejected():
   # Process blocks [c0 c0 r0 r0 | c1 c1 r1 r1] -> [c0 c0 c1 c1 | r0 r0 r1 r1].
-  assert loop.pair_order(2, 2).tolist() == [0, 1, 4, 5, 2, 3, 6, 7]
-  assert loop.pair_order(1, 3).tolist() == list(range(6))
+  assert sharding.pair_order(2, 2).tolist() == [0, 1, 4, 5, 2, 3, 6, 7]
+  assert sharding.pair_order(1, 3).tolist() == list(range(6))
 
 
 def test_preference_batches_are_regrouped_across_processes():
@@ -128,5 +127,5 @@ def test_preference_batches_are_regrouped_across_processes():
   spec = NamedSharding(mesh, PartitionSpec("data"))
   rows = np.arange(8)[:, None] * np.ones((1, 3), np.int32)  # one process: c0 c1 c2 c3 r0 r1 r2 r3
   blocks = np.concatenate([rows[[0, 1, 4, 5]], rows[[2, 3, 6, 7]]])  # process 0 | process 1
-  got = loop._chosen_then_rejected(jax.device_put(blocks, spec), 2, spec)
+  got = sharding.chosen_then_rejected(jax.device_put(blocks, spec), 2, spec)
   np.testing.assert_array_equal(np.asarray(got), rows)

@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llavamod_jax.train import build
+from llavamod_jax.demo import assets
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [  # a few steps of tiny models on a small synthetic set
     "--config.total_steps=8", "--config.log_every=1", "--config.checkpoint_every=3",
-    "--config.demo_teacher_steps=4", "--config.demo_vision_steps=3",
-    "--config.data.shapes.num_train=48",
-    "--config.data.shapes.num_eval=8", "--config.data.batch_size=4", "--config.final_report=False",
-    "--config.data.max_length=96", "--config.data.shapes.image_size=32",
+    "--config.demo.teacher_steps=4", "--config.demo.vision_steps=3",
+    "--config.demo.shapes.num_train=48",
+    "--config.demo.shapes.num_eval=8", "--config.data.batch_size=4", "--config.final_report=False",
+    "--config.data.max_length=96", "--config.demo.shapes.image_size=32",
 ]
 
 
@@ -40,7 +40,7 @@ def _metrics(workdir):
 def demo(tmp_path_factory):
   """The demo chain in one cache: mimic (training the tiny teacher first), then preference."""
   root = tmp_path_factory.mktemp("demo")
-  cache = f"--config.demo_cache={root / 'cache'}"
+  cache = f"--config.demo.cache={root / 'cache'}"
   _train([f"--config={REPO / 'configs/mimic.py'}", f"--workdir={root / 'mimic'}", cache, *TINY], root)
   return root, cache
 
@@ -61,7 +61,7 @@ def test_mimic_stage_runs_and_writes_its_workdir(demo):
   assert list((work / "tensorboard").iterdir())
   assert (root / "cache" / "teacher_hf" / "config.json").exists()  # the demo teacher, cached
   for art, marker in (("teacher_hf", "config.json"), ("tokenizer", "tokenizer.json")):
-    assert build._cached(root / "cache" / art, marker)  # stamped: shapes version and recipe
+    assert assets.is_cached(root / "cache" / art, marker)  # stamped: shapes version and recipe
 
 
 @pytest.mark.slow
@@ -114,17 +114,19 @@ def test_nan_guard(tmp_path, monkeypatch, policy):
   import jax
   import jax.numpy as jnp
 
-  from llavamod_jax import checkpoint
-  from llavamod_jax.train import loop, recipes
+  from llavamod_jax import checkpoint, demo, sharding
+  from llavamod_jax.demo import recipes
+  from llavamod_jax.train import loop
 
   cfg = recipes.teacher()
-  cfg.demo_cache = str(tmp_path / "cache")
+  cfg.demo.cache = str(tmp_path / "cache")
   cfg.total_steps, cfg.checkpoint_every, cfg.log_every = 4, 1, 1
-  cfg.data.shapes.num_train, cfg.data.shapes.num_eval, cfg.data.shapes.image_size = 16, 4, 32
+  cfg.demo.shapes.num_train, cfg.demo.shapes.num_eval, cfg.demo.shapes.image_size = 16, 4, 32
   cfg.data.batch_size, cfg.data.max_length = 2, 96
   cfg.nan_policy = policy
+  cfg = demo.prepare(cfg)
   calls = {"n": 0}
-  original = loop.batch_to_device
+  original = sharding.batch_to_device
 
   def poisoned(batch, mesh):
     calls["n"] += 1
@@ -133,7 +135,7 @@ def test_nan_guard(tmp_path, monkeypatch, policy):
       out["pixel_values"] = out["pixel_values"] * jnp.nan
     return out
 
-  monkeypatch.setattr(loop, "batch_to_device", poisoned)
+  monkeypatch.setattr(sharding, "batch_to_device", poisoned)
   work = tmp_path / "work"
   if policy == "stop":
     with pytest.raises(loop.NonFiniteLoss, match="step 2"):
@@ -166,3 +168,46 @@ def test_eight_simulated_devices_log_the_one_device_losses(demo):
   for a, b in zip(one, eight):
     for key in ("loss", "kl", "ce", "aux"):
       assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+@pytest.mark.slow
+def test_periodic_evaluation_logs_the_held_out_kl(demo, tmp_path):
+  """eval_every: the held-out KL in metrics.jsonl equals evaluation.kl_to_teacher of the saved
+  student on the same records (one batch of them), at the step it was logged."""
+  import importlib.util
+
+  from llavamod_jax import demo as demo_lib
+  from llavamod_jax import evaluation, workdir
+  from llavamod_jax.train import loop
+
+  root, _ = demo
+  spec = importlib.util.spec_from_file_location("mimic_config", REPO / "configs" / "mimic.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  cfg.demo.cache = str(root / "cache")
+  cfg.demo.teacher_steps, cfg.demo.vision_steps = 4, 3
+  cfg.demo.shapes.update({"num_train": 48, "num_eval": 8, "image_size": 32})
+  cfg.total_steps, cfg.log_every, cfg.checkpoint_every, cfg.final_report = 6, 2, 3, False
+  cfg.data.batch_size, cfg.data.max_length = 4, 96
+  cfg = demo_lib.prepare(cfg)
+  held_out = tmp_path / "held_out.jsonl"  # exactly one batch, so per-batch and per-token means agree
+  held_out.write_text("".join(Path(cfg.data.eval_files[0]).read_text().splitlines(True)[:4]))
+  cfg.data.eval_files = [str(held_out)]
+  cfg.eval_every, cfg.eval_batches = 3, 1
+  work = tmp_path / "work"
+  loop.run(cfg, work)
+
+  rows = _metrics(work)
+  assert [r["step"] for r in rows] == [2, 3, 4, 6]
+  assert "eval/kl" not in rows[0] and "loss" not in rows[1]  # eval-only line at step 3
+  assert "eval/kl" in rows[3] and "loss" in rows[3]  # both at the last step
+  last = rows[3]
+  assert last["eval/loss"] == pytest.approx(last["eval/kl"] + last["eval/ce"] + 0.01 * last["eval/aux"],
+                                            rel=1e-5)
+  student, sparams, tokenizer, info = workdir.load_model(work)
+  teacher, tparams, _, tinfo = workdir.load_model(info.teacher)
+  records = evaluation.read_records([held_out], image_root=cfg.data.image_root)
+  batches = evaluation.kl_batches(tokenizer, info, tinfo, records, batch_size=4, max_length=96)
+  want = evaluation.kl_to_teacher(student, sparams, teacher, tparams, batches)["kl"]
+  assert last["eval/kl"] == pytest.approx(want, rel=1e-4)

@@ -27,13 +27,13 @@ def test_all_to_all_needs_a_sorted_dropless_kernel(moe):
 def test_expert_parallel_reaches_the_model():
   mode = "gspmd"  # not the model's default ("auto"), so the value must have come from the config
   cfg = config_lib.base()
-  cfg.data.shapes.image_size = 16
+  cfg.stage, cfg.data.train_files = "adaptor", ["train.jsonl"]
   src = cfg.student
   src.moe.expert_parallel = mode
   src.upcycle.num_experts = 4
-  src.demo.update({"hidden_size": 16, "intermediate_size": 32, "num_layers": 2, "num_heads": 2,
-                   "num_kv_heads": 1, "vision_hidden_size": 16, "vision_layers": 1,
-                   "vision_heads": 2})
+  src.scratch.update({"hidden_size": 16, "intermediate_size": 32, "num_layers": 2, "num_heads": 2,
+                      "num_kv_heads": 1, "vision_hidden_size": 16, "vision_layers": 1,
+                      "vision_heads": 2, "image_size": 16})
   config_lib.validate(cfg)
   model, _ = build.load_model(src, tiny_run.tokenizer(), cfg, role="student")
   assert model.cfg.text.num_experts == 4

@@ -20,7 +20,7 @@ from etils.epath import testing as epath_testing
 import tiny_run
 from llavamod_jax import checkpoint, fileutil, workdir
 from llavamod_jax.train import config as config_lib
-from llavamod_jax.train import loop, report
+from llavamod_jax.train import build, loop, metrics, report
 
 RUN = "gs://bucket/run"
 
@@ -105,21 +105,21 @@ def test_metric_writer_rewrites_metrics_jsonl_and_truncates(gcs, monkeypatch):
   made = _event_writer(monkeypatch)
   run = fileutil.path(RUN)
   run.mkdir(parents=True, exist_ok=True)
-  writer = loop.MetricWriter(run)
+  writer = metrics.MetricWriter(run)
   for step in (1, 2, 3):
     writer.write(step, {"loss": 1.0 / step})
   writer.close()
   assert _steps(gcs / "bucket/run/metrics.jsonl") == [1, 2, 3]
   assert made[0].logdir == f"{RUN}/tensorboard" and len(made[0].events) == 3
 
-  resumed = loop.MetricWriter(run)  # a restart from the checkpoint of step 2
+  resumed = metrics.MetricWriter(run)  # a restart from the checkpoint of step 2
   resumed.truncate_after(2)
   assert _steps(gcs / "bucket/run/metrics.jsonl") == [1, 2]
   resumed.write(3, {"loss": 0.5})
   resumed.write(4, {"loss": 0.25})
   assert _steps(gcs / "bucket/run/metrics.jsonl") == [1, 2, 3, 4]
 
-  out = loop.plot_losses(run)
+  out = metrics.plot_losses(run)
   assert str(out) == f"{RUN}/loss_curves.png"
   assert (gcs / "bucket/run/loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -127,8 +127,8 @@ def test_metric_writer_rewrites_metrics_jsonl_and_truncates(gcs, monkeypatch):
 @pytest.mark.parametrize("fail_on", ["init", "write"])
 def test_tensorboard_failure_warns_once_and_training_goes_on(gcs, monkeypatch, caplog, fail_on):
   _event_writer(monkeypatch, fail_on)
-  with caplog.at_level(logging.WARNING, logger=loop.log.name):
-    writer = loop.MetricWriter(fileutil.path(RUN))
+  with caplog.at_level(logging.WARNING, logger=metrics.log.name):
+    writer = metrics.MetricWriter(fileutil.path(RUN))
     for step in (1, 2):
       writer.write(step, {"loss": 1.0})
     writer.close()
@@ -144,8 +144,8 @@ def test_tensorboard_without_gcs_support_warns(gcs, caplog):
     pytest.skip("gcsfs is installed: tensorboard would reach for a real bucket")
   except ImportError:
     pass
-  with caplog.at_level(logging.WARNING, logger=loop.log.name):
-    writer = loop.MetricWriter(fileutil.path(RUN))
+  with caplog.at_level(logging.WARNING, logger=metrics.log.name):
+    writer = metrics.MetricWriter(fileutil.path(RUN))
     writer.write(1, {"loss": 1.0})
     writer.close()
   assert any("tensorboard cannot write" in r.getMessage() for r in caplog.records)
@@ -155,7 +155,7 @@ def test_tensorboard_without_gcs_support_warns(gcs, caplog):
 def test_local_metric_writer_appends_as_before(tmp_path, monkeypatch):
   _event_writer(monkeypatch)
   (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
-  writer = loop.MetricWriter(fileutil.path(str(tmp_path)))
+  writer = metrics.MetricWriter(fileutil.path(str(tmp_path)))
   assert isinstance(writer.path, Path)  # local paths stay pathlib's
   writer.write(2, {"loss": 0.5})
   assert _steps(tmp_path / "metrics.jsonl") == [1, 2]
@@ -174,12 +174,11 @@ def test_run_info_tokenizer_and_model_round_trip(student_checkpoint, gcs, monkey
   model, params = student_checkpoint
   tokenizer = tiny_run.tokenizer()
   cfg = config_lib.base()
-  cfg.data.source = "files"
   cfg.data.eval_files = [str(gcs / "data/eval.jsonl")]
 
   run = fileutil.path(RUN)
   run.mkdir(parents=True, exist_ok=True)
-  loop._write_run_info(run, cfg, model, tokenizer, teacher_dir=None)
+  loop.write_run_info(run, cfg, model, tokenizer)
   assert (gcs / "bucket/run/tokenizer/tokenizer.json").is_file()
   assert json.loads((gcs / "bucket/run/config.json").read_text())["stage"] == "mimic"
   info = workdir.read(RUN)
@@ -209,7 +208,7 @@ def test_run_info_tokenizer_and_model_round_trip(student_checkpoint, gcs, monkey
 def test_teacher_workdir_uri_is_kept():
   cfg = config_lib.base()
   cfg.teacher.init, cfg.teacher.workdir = "workdir", "gs://bucket/teacher"
-  assert loop._teacher_dir(cfg) == "gs://bucket/teacher"
+  assert build.teacher_dir(cfg) == "gs://bucket/teacher"
 
 
 def test_remote_hf_directory_is_refused_by_name(gcs):

@@ -12,7 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from llavamod_jax.data import image, synthetic
+from llavamod_jax.data import image
+from llavamod_jax.demo import synthetic
 
 NUM_TRAIN, NUM_EVAL, SIZE = 48, 24, 64
 COLOR = "|".join(synthetic.COLORS)
@@ -236,7 +237,7 @@ def test_command_line(tmp_path):
   out = tmp_path / "cli"
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(synthetic.__file__))))
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-  subprocess.run([sys.executable, "-m", "llavamod_jax.data.synthetic", f"--out={out}", "--num_train=3",
+  subprocess.run([sys.executable, "-m", "llavamod_jax.demo.synthetic", f"--out={out}", "--num_train=3",
                   "--num_eval=2", "--image_size=48"], check=True, capture_output=True, env=env)
   manifest = synthetic.read_manifest(out)
   assert manifest["image_size"] == 48 and manifest["files"]["captions_train.jsonl"] == 3

@@ -1,4 +1,4 @@
-"""train/tower.py: the demo tower's pretraining data, patch labels, head, scoring and projector start."""
+"""demo/tower.py: the demo tower's pretraining data, patch labels, head, scoring and projector start."""
 
 import json
 
@@ -6,10 +6,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from llavamod_jax.data import synthetic
+from llavamod_jax.demo import synthetic, tower
 from llavamod_jax.models.configs import LlavaConfig, TextConfig, VisionConfig
 from llavamod_jax.models.llava import Projector
-from llavamod_jax.train import tower
 
 
 def _cfg():

@@ -1,20 +1,22 @@
 """Which image features let the demo's from-scratch language model learn the shapes lookups: the LM
 alone, trained on the short-answer questions with fixed image tokens, scored per question kind.
 
-    python bench/lookup_probe.py --features kinds        # each patch's true kind, one-hot
-    python bench/lookup_probe.py --features tower        # the demo cache's pretrained tower
-    python bench/lookup_probe.py --features tower --tower_steps 1200 --prototype_weight 10
-        [--steps 1600 --seed 0 --batch 16 --lr 2e-3] [--demo_cache workdirs/demo_cache]
+    python -m llavamod_jax.demo.lookup_probe --features tower|kinds|side_kinds
+        [--tower_steps 1200 --prototype_weight 10] [--steps 1600 --seed 0 --batch 16 --lr 2e-3]
+        [--rope_theta 10000] [--demo_cache workdirs/demo_cache]
 
 A sequence is the image's 64 patch tokens, then "\\n<question>\\nASSISTANT:"; the loss is on the one
 token that decides the answer ("green", "3", "left", "yes"). The image tokens are the features
 standardised over all patches and passed through a fresh, fixed projector (the demo teacher's
 `tower.projector_init` start); only the LM trains. With no tower forward pass and short sequences a
-run takes about 3 minutes of CPU, against 10 for bench/teacher_probe.py, so a change to what the
-tower hands the LM can be judged on its own. `--features kinds` hands it each patch's exact kind,
-one-hot; `--features side_kinds` adds the patch's half of the image (left / right) as two more
-one-hot dimensions. The LM is the demo teacher's (`recipes.teacher`), its sizes and RoPE base
-overridable.
+run takes about 3 minutes of CPU, against 10 for teacher_probe.py, so a change to what the tower
+hands the LM can be judged on its own. `--features tower` reads the demo cache's tower, or with
+`--tower_steps` a fresh one pretrained here (`tower.pretrain`, `--prototype_weight`); `kinds` hands
+the LM each patch's exact kind, one-hot; `side_kinds` adds the patch's half of the image (left /
+right) as two more one-hot dimensions. The LM is the demo teacher's (`recipes.teacher`), its sizes
+and RoPE base overridable.
+
+Results: README.md of this package.
 """
 
 from __future__ import annotations
@@ -30,14 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from teacher_probe import question_kind, summarize
 
 from llavamod_jax import hf
 from llavamod_jax.data import image as image_lib
-from llavamod_jax.data import synthetic
+from llavamod_jax.demo import assets, recipes, synthetic, tower
+from llavamod_jax.demo.teacher_probe import question_kind, summarize
 from llavamod_jax.models.llava import Projector
 from llavamod_jax.models.llm import DecoderLM
-from llavamod_jax.train import build, recipes, tower
+from llavamod_jax.train import build
 
 SHORT = ("color", "count", "position", "pope")
 
@@ -58,7 +60,7 @@ def image_features(args, cfg, root: Path, images: list[str], scenes: dict) -> np
                                      prototype_weight=args.prototype_weight, seed=args.seed)
       print(json.dumps({"tower": {k: round(v, 4) for k, v in stats.items()}}), flush=True)
     else:  # the demo teacher's tower, as the cache holds it
-      vision = hf.load(build._demo_teacher_init(args.cfg, recipes.teacher()))[1]["vision_tower"]
+      vision = hf.load(assets.teacher_init(args.demo, recipes.teacher()))[1]["vision_tower"]
     kind = "clip" if cfg.vision.is_clip else "siglip"
     feats = jax.jit(lambda x: tower.features(cfg, vision, x))
     f = []
@@ -94,23 +96,24 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
   print(json.dumps(vars(args)), flush=True)
 
-  args.cfg = cfg = recipes.mimic()
-  cfg.demo_cache = args.demo_cache
+  args.demo = d = recipes.section()
+  d.cache = args.demo_cache
   for key in ("num_train", "num_eval"):
     if getattr(args, key) is not None:
-      cfg.data.shapes[key] = getattr(args, key)
-  tokenizer = build.ensure_demo_tokenizer(cfg)
-  root = build.ensure_shapes(cfg)
+      d.shapes[key] = getattr(args, key)
+  tokenizer = assets.ensure_tokenizer(d)
+  root = assets.ensure_shapes(d)
   tcfg = recipes.teacher()
-  demo = tcfg.student.demo
+  scratch = tcfg.student.scratch
+  scratch.image_size = d.shapes.image_size
   for key, value in (("hidden_size", args.hidden), ("num_layers", args.layers),
                      ("num_heads", args.heads), ("num_kv_heads", args.kv_heads),
                      ("initializer_range", args.init_std)):
     if value is not None:
-      demo[key] = value
+      scratch[key] = value
   if args.hidden is not None:
-    demo.intermediate_size = 2 * args.hidden
-  llava = build.demo_llava(tcfg.student, tokenizer, cfg.data.shapes.image_size)
+    scratch.intermediate_size = 2 * args.hidden
+  llava = build.scratch_config(tcfg.student, tokenizer)
   if args.rope_theta is not None:
     text = dataclasses.replace(llava.text, rope_theta=args.rope_theta)
     llava = dataclasses.replace(llava, text=text)

@@ -1,21 +1,24 @@
-"""How the demo teacher learns each task: teacher-forced answer accuracy on the held-out shapes questions,
-per task and per question kind, every --eval_every steps of the teacher's own recipe (a pretrained,
-frozen vision tower, the fixed standardising projector, a from-scratch language model; train/build.py).
+"""How the demo teacher learns each task: teacher-forced answer accuracy on the held-out shapes
+questions, per task and per question kind, every --eval_every steps of the teacher's own recipe (a
+pretrained, frozen vision tower, the fixed standardising projector, a from-scratch language model;
+assets.py).
 
-    python bench/teacher_probe.py [--steps 1600] [--seed 0] [--lr 2e-3] [--batch 16]
-        [--hidden 128 --layers 4 --heads 8 --kv_heads 8] [--init_std 0.1]
+    python -m llavamod_jax.demo.teacher_probe [--steps 1600] [--seed 0] [--lr 2e-3] [--batch 16]
+        [--hidden 128 --layers 4 --heads 8 --kv_heads 8] [--init_std 0.1] [--rope_theta 10000]
         [--train_file train.jsonl --eval_file eval.jsonl]
         [--demo_cache workdirs/demo_cache] [--eval_every 200] [--eval_limit 600]
 
-An answer counts as right when every one of its tokens is the model's argmax given the reference before
-it. That reads the model's knowledge without generation's compounding errors, and within a minute of
-CPU per evaluation, so a change to the data or the recipe can be judged at 1,600 steps instead of after
-a whole demo run. The kinds split each task by whether it can be answered without joining the
-question's words to the image ("color, 1 object" can, "color, 2+ objects" cannot). The tokenizer,
-shapes set and tower come from --demo_cache (built there if missing, as the demo builds them); the
-language model and the projector's start are always fresh, so sizes and init std can change.
---train_file names a file in the shapes folder, e.g. a rewritten train.jsonl to try another answer
-format (the tokenizer must cover its words), and --eval_file its held-out counterpart.
+An answer counts as right when every one of its tokens is the model's argmax given the reference
+before it: the model's knowledge without generation's compounding errors, in a minute of CPU per
+evaluation, so a change to the data or the recipe is judged at 1,600 steps instead of after a whole
+demo run. The kinds split each task by whether it can be answered without joining the question's
+words to the image ("color, 1 object" can, "color, 2+ objects" cannot). The tokenizer, shapes set
+and tower come from --demo_cache (built there if missing, as the demo builds them); the language
+model and the projector's start are always fresh, so sizes and init std can change. --train_file
+names a file in the shapes folder, e.g. a rewritten train.jsonl to try another answer format (the
+tokenizer must cover its words), and --eval_file its held-out counterpart.
+
+Results: README.md of this package.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ import ml_collections
 import numpy as np
 
 from llavamod_jax import hf, models
-from llavamod_jax.data import synthetic
-from llavamod_jax.train import build, optim, recipes, steps, tower
+from llavamod_jax.demo import assets, recipes, synthetic, tower
+from llavamod_jax.train import build, optim, steps
 
 
 def question_kind(record: dict, scene: synthetic.Scene) -> str:
@@ -101,38 +104,40 @@ def main(argv=None) -> dict:
   p.add_argument("--vision_steps", type=int, default=None)
   args = p.parse_args(argv)
 
-  cfg = recipes.mimic()  # the embedded default's cache settings
-  cfg.demo_cache = args.demo_cache
+  d = recipes.section()  # the embedded default's cache settings
+  d.cache = args.demo_cache
   for key in ("num_train", "num_eval"):
     if getattr(args, key) is not None:
-      cfg.data.shapes[key] = getattr(args, key)
+      d.shapes[key] = getattr(args, key)
   if args.vision_steps is not None:
-    cfg.demo_vision_steps = args.vision_steps
+    d.vision_steps = args.vision_steps
+  root = assets.ensure_shapes(d)
 
   def teacher_cfg(batch: int):
     c = recipes.teacher()
-    c.demo_cache = cfg.demo_cache
-    c.data.shapes = ml_collections.ConfigDict(cfg.data.shapes.to_dict())
+    c.demo.cache = d.cache
+    c.demo.shapes = ml_collections.ConfigDict(d.shapes.to_dict())
+    c.student.scratch.image_size = d.shapes.image_size
+    c.data.image_root = str(root)
     c.data.batch_size = batch
     c.data.max_length = args.max_length or c.data.max_length
     return c
 
-  tokenizer = build.ensure_demo_tokenizer(cfg)
+  tokenizer = assets.ensure_tokenizer(d)
   # The tower and projector, built and cached with the unchanged recipe exactly as the demo does.
-  init_dir = build._demo_teacher_init(cfg, teacher_cfg(args.batch))
+  init_dir = assets.teacher_init(d, teacher_cfg(args.batch))
   tcfg = teacher_cfg(args.batch)
-  tcfg.data.shapes.file = args.train_file
-  demo = tcfg.student.demo
+  scratch = tcfg.student.scratch
   for key, value in (("hidden_size", args.hidden), ("num_layers", args.layers),
                      ("num_heads", args.heads), ("num_kv_heads", args.kv_heads)):
     if value is not None:
-      demo[key] = value
+      scratch[key] = value
   if args.hidden is not None:
-    demo.intermediate_size = 2 * args.hidden
+    scratch.intermediate_size = 2 * args.hidden
   if args.init_std is not None:
-    demo.initializer_range = args.init_std
+    scratch.initializer_range = args.init_std
 
-  llava = build.demo_llava(tcfg.student, tokenizer, cfg.data.shapes.image_size)
+  llava = build.scratch_config(tcfg.student, tokenizer)
   if args.rope_theta is not None:
     text = dataclasses.replace(llava.text, rope_theta=args.rope_theta)
     llava = dataclasses.replace(llava, text=text)
@@ -140,20 +145,20 @@ def main(argv=None) -> dict:
   params = models.init_params(model, args.seed)
   _, start = hf.load(init_dir)
   params["vision_tower"] = start["vision_tower"]
-  files, root = build.train_files(tcfg)
+  files = [str(root / args.train_file)]
   # The fixed projector's start, made as the demo makes it but from this LM's fresh projector.
   pixels, _ = tower.load_split(root, "train", model.cfg, limit=256)
   params["multi_modal_projector"] = tower.projector_init(
       model.cfg, params["multi_modal_projector"], params["vision_tower"], pixels)
 
-  train = iter(build.data_pipeline(tcfg, tokenizer, model, None, files, root, seed=args.seed,
-                                   shuffle=True, num_epochs=None))
+  train = iter(build.data_pipeline(tcfg, tokenizer, model, None, files, seed=args.seed, shuffle=True,
+                                   num_epochs=None))
   ecfg = teacher_cfg(args.eval_batch)
   efiles = [str(Path(root, args.eval_file))]
   records = [json.loads(line) for line in Path(efiles[0]).read_text().splitlines()]
   scenes = {d["image"]: synthetic.Scene.from_dict(d)
             for d in map(json.loads, Path(root, "scenes.jsonl").read_text().splitlines())}
-  pipe = build.data_pipeline(ecfg, tokenizer, model, None, efiles, root, seed=0, shuffle=False,
+  pipe = build.data_pipeline(ecfg, tokenizer, model, None, efiles, seed=0, shuffle=False,
                              num_epochs=1)
   n_batches = max(1, min(args.eval_limit, len(records)) // args.eval_batch)
   eval_batches = [b for b, _ in zip(pipe, range(n_batches))]
@@ -171,7 +176,7 @@ def main(argv=None) -> dict:
   lr = args.lr if args.lr is not None else tcfg.optimizer.lr
   tx, schedule = optim.adamw(lr, args.steps, warmup_ratio=tcfg.optimizer.warmup_ratio,
                              weight_decay=tcfg.optimizer.weight_decay)
-  state = steps.init_state(params, optim.trainable_patterns("llm"), tx, args.seed)
+  state = steps.init_state(params, optim.trainable_patterns("language_model/.*"), tx, args.seed)
   train_step = steps.make_train_step("sft", model, None, tx, steps.LossConfig(), schedule=schedule)
   score = make_scorer(model)
 

@@ -1,28 +1,21 @@
-"""The demo's vision-tower pretraining, and the projector's starting point for the demo teacher.
+"""The demo teacher's vision-tower pretraining, and its projector's starting point.
 
-A real LLaVA starts from a pretrained CLIP tower. Trained from scratch through the language model's
-loss instead, the demo's tiny LLaVA stays blind. So the demo does what CLIP pretraining does for a real
-LLaVA, on the train split's ground truth (`scenes.jsonl`): every patch feature that LLaVA will read
-(`hidden_states[vision_feature_layer]`, class token dropped as the "default" strategy does) learns, with
-a linear head, which of the 18 (colour, shape) kinds covers that patch, or background
-(`synthetic.patch_labels`). The head is thrown away; LLaVA training keeps the tower frozen. Dense
-per-patch targets matter: an image-level target ("is there a red circle anywhere", pooled over the
-patches) trained a tower whose single patches told shapes apart no better than a random tower's, and
-the language model must find an object's patches by what each one says.
+A real LLaVA starts from a pretrained CLIP tower; the demo's tiny LLaVA, trained from scratch
+through the language model's loss, stays blind. So `pretrain` does what CLIP pretraining does, on
+the train split's ground truth (`scenes.jsonl`): every patch feature LLaVA reads
+(`hidden_states[vision_feature_layer]`, class token dropped as the "default" strategy does) learns,
+with a linear head, which of the 18 (colour, shape) kinds covers that patch, or background
+(`synthetic.patch_labels`). The head is thrown away; LLaVA training keeps the tower frozen. The
+targets are per patch because the language model must find an object's patches by what each says.
 
-An optional second term (`prototype_weight` > 0; off in the demo) pulls every patch feature onto a
-fixed random vector of its kind (`prototypes`; mean squared error). Telling the kinds apart is not
-enough: the language model must also match a question's words to them, and it learns that match far
-sooner when all patches of a kind look the same. Probed with the language model alone
-(bench/lookup_probe.py, 1,600 steps, seed 0), "What color is the square?" on 2+ objects was answered
-0.58 right from the features of the demo's kinds-only tower, 0.81 from each patch's true kind as an
-exact one-hot, and 0.87 from the features of a tower trained with this term (weight 10, 1,200 steps).
-In the demo teacher's full recipe that tower lifted it only to 0.58, and the teacher did not learn POPE
-on seed 0, so the demo keeps the kinds-only tower (README, "Demo results").
+`prototype_weight` > 0 (off in the demo) adds a term pulling every patch feature onto a fixed random
+vector of its kind (`prototypes`; mean squared error), so that all patches of a kind look alike.
 
-`projector_init` then starts the LLaVA projector from standardised features: the tower's hidden states
-carry a large constant part (norm ~300 against a patch-to-patch spread of ~3), which a fresh projector
-passes on, so the image tokens all look alike to the language model after its RMSNorm.
+`projector_init` starts the LLaVA projector from standardised features: the tower's hidden states
+carry a large constant part, which a fresh projector passes on, so the image tokens would all look
+alike to the language model after its RMSNorm.
+
+Measurements and what was tried: README.md of this package.
 """
 
 from __future__ import annotations
@@ -39,7 +32,7 @@ import numpy as np
 import optax
 
 from llavamod_jax.data import image as image_lib
-from llavamod_jax.data import synthetic
+from llavamod_jax.demo import synthetic
 from llavamod_jax.models.configs import LlavaConfig
 from llavamod_jax.models.vision import VisionTower
 

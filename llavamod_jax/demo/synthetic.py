@@ -1,6 +1,6 @@
 r"""The embedded demo dataset "shapes": images of coloured shapes with records in the real data formats.
 
-    python -m llavamod_jax.data.synthetic --out=DIR [--num_train=2000] [--num_eval=200] [--seed=0]
+    python -m llavamod_jax.demo.synthetic --out=DIR [--num_train=2000] [--num_eval=200] [--seed=0]
     manifest = synthetic.build(DIR, num_train=2000, num_eval=200, seed=0, image_size=64)
 
 Sample i of a split is drawn from its own generator seeded by (seed, split, i), so it is the same whatever
