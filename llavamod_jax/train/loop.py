@@ -106,7 +106,7 @@ def run(cfg, workdir) -> dict[str, float]:
   log.info("stage %s (%s step): %d steps from %d, %s trainable parameters, batch %d, workdir %s",
            cfg.stage, kind, cfg.total_steps, start, f"{n_trainable:,}", cfg.data.batch_size, workdir)
   last, pending, skipped = {}, [], 0
-  t0, tokens, timed_steps = time.time(), 0, 0
+  t0, tokens = time.time(), 0
   step = start
   with _preemption() as preempted:
     try:
@@ -128,28 +128,15 @@ def run(cfg, workdir) -> dict[str, float]:
         logging_step = step % cfg.log_every == 0 or final
         scalars = {}
         if logging_step:
-          host = jax.device_get(pending)
-          last = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
-          elapsed = time.time() - t0
-          timed_steps += len(pending)
-          last["tokens_per_sec"] = distributed.total(tokens) / max(elapsed, 1e-9)
-          last["skipped_total"] = skipped
+          last = _summary(cfg, step, pending, tokens, time.time() - t0, skipped)
           scalars.update(last)
-          eta = elapsed / timed_steps * (cfg.total_steps - step)
-          shown = " ".join(f"{k} {last[k]:.4g}" for k in metrics.LOSS_NAMES if k in last)
-          log.info("step %d/%d | %s | lr %.2e | %.0f tok/s | ETA %s", step, cfg.total_steps, shown,
-                   last.get("learning_rate", 0.0), last["tokens_per_sec"],
-                   time.strftime("%H:%M:%S", time.gmtime(eta)))
-          pending, tokens, timed_steps = [], 0, 0
+          pending, tokens, t0 = [], 0, time.time()
         if evaluate is not None and (step % cfg.eval_every == 0 or final):
-          held_out = evaluate(state.full_params(), teacher_params)
-          log.info("step %d held-out | %s", step, " ".join(f"{k} {v:.4g}" for k, v in
-                                                           held_out.items()))
-          scalars.update(held_out)
+          e0 = time.time()
+          scalars.update(evaluate(state.full_params(), teacher_params))
+          t0 += time.time() - e0  # throughput counts training only
         if scalars:
           writer.write(step, scalars)
-        if logging_step:
-          t0 = time.time()  # after the evaluation: throughput counts training only
 
         stopping = preempted(logging_step)
         if step % cfg.checkpoint_every == 0 or final or stopping:
@@ -174,6 +161,20 @@ def run(cfg, workdir) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 # The loop's parts.
 # ---------------------------------------------------------------------------------------------
+
+
+def _summary(cfg, step: int, pending: list, tokens: int, elapsed: float, skipped: int) -> dict:
+  """The logged metrics of the steps since the last logging step (their means), and the log line."""
+  host = jax.device_get(pending)
+  out = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+  out["tokens_per_sec"] = distributed.total(tokens) / max(elapsed, 1e-9)
+  out["skipped_total"] = skipped
+  eta = elapsed / len(pending) * (cfg.total_steps - step)
+  shown = " ".join(f"{k} {out[k]:.4g}" for k in metrics.LOSS_NAMES if k in out)
+  log.info("step %d/%d | %s | lr %.2e | %.0f tok/s | ETA %s", step, cfg.total_steps, shown,
+           out.get("learning_rate", 0.0), out["tokens_per_sec"],
+           time.strftime("%H:%M:%S", time.gmtime(eta)))
+  return out
 
 
 @contextlib.contextmanager
@@ -215,7 +216,10 @@ def held_out_evaluation(cfg, tokenizer, student, teacher, mesh):
     got = [eval_step(params, sharding.batch_to_device(next(it), mesh), teacher_params)
            for _ in range(n)]
     host = jax.device_get(got)
-    return {f"eval/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
+    out = {f"eval/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
+    log.info("held-out (%d batches) | %s", n, " ".join(
+        f"{k} {out[k]:.4g}" for k in (f"eval/{m}" for m in metrics.LOSS_NAMES) if k in out))
+    return out
 
   return evaluate
 

@@ -170,17 +170,12 @@ def test_eight_simulated_devices_log_the_one_device_losses(demo):
       assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
 
 
-@pytest.mark.slow
-def test_periodic_evaluation_logs_the_held_out_kl(demo, tmp_path):
-  """eval_every: the held-out KL in metrics.jsonl equals evaluation.kl_to_teacher of the saved
-  student on the same records (one batch of them), at the step it was logged."""
+def _tiny_mimic_config(root):
+  """configs/mimic.py as TINY sets it, on the demo fixture's cache, turned into plain inputs."""
   import importlib.util
 
   from llavamod_jax import demo as demo_lib
-  from llavamod_jax import evaluation, workdir
-  from llavamod_jax.train import loop
 
-  root, _ = demo
   spec = importlib.util.spec_from_file_location("mimic_config", REPO / "configs" / "mimic.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -190,7 +185,53 @@ def test_periodic_evaluation_logs_the_held_out_kl(demo, tmp_path):
   cfg.demo.shapes.update({"num_train": 48, "num_eval": 8, "image_size": 32})
   cfg.total_steps, cfg.log_every, cfg.checkpoint_every, cfg.final_report = 6, 2, 3, False
   cfg.data.batch_size, cfg.data.max_length = 4, 96
-  cfg = demo_lib.prepare(cfg)
+  return demo_lib.prepare(cfg)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_that_step_and_the_restart_continues(demo, tmp_path, monkeypatch):
+  """SIGTERM during step 4: the step finishes, checkpoint 4 is saved (checkpoint_every is 3), the run
+  returns; restarted, it goes on from step 4 and logs what an uninterrupted run logs."""
+  from llavamod_jax import sharding
+  from llavamod_jax.train import loop
+
+  root, _ = demo
+  cfg = _tiny_mimic_config(root)
+  cfg.log_every = 1
+  loop.run(cfg, tmp_path / "straight")
+
+  calls = {"n": 0}
+  original = sharding.batch_to_device
+
+  def terminated_at_step_4(batch, mesh):
+    calls["n"] += 1
+    if calls["n"] == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return original(batch, mesh)
+
+  work = tmp_path / "preempted"
+  monkeypatch.setattr(sharding, "batch_to_device", terminated_at_step_4)
+  loop.run(cfg, work)
+  assert sorted(int(p.name) for p in (work / "checkpoints").iterdir()) == [3, 4]
+  assert [r["step"] for r in _metrics(work)] == [1, 2, 3, 4]
+  monkeypatch.setattr(sharding, "batch_to_device", original)
+  loop.run(cfg, work)
+  straight, resumed = _metrics(tmp_path / "straight"), _metrics(work)
+  assert [r["step"] for r in resumed] == list(range(1, 7))
+  for a, b in zip(straight, resumed):
+    for key in ("loss", "kl", "ce", "aux", "grad_norm"):
+      assert a[key] == b[key], (a["step"], key, a[key], b[key])
+
+
+@pytest.mark.slow
+def test_periodic_evaluation_logs_the_held_out_kl(demo, tmp_path):
+  """eval_every: the held-out KL in metrics.jsonl equals evaluation.kl_to_teacher of the saved
+  student on the same records (one batch of them), at the step it was logged."""
+  from llavamod_jax import evaluation, workdir
+  from llavamod_jax.train import loop
+
+  root, _ = demo
+  cfg = _tiny_mimic_config(root)
   held_out = tmp_path / "held_out.jsonl"  # exactly one batch, so per-batch and per-token means agree
   held_out.write_text("".join(Path(cfg.data.eval_files[0]).read_text().splitlines(True)[:4]))
   cfg.data.eval_files = [str(held_out)]
