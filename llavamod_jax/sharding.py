@@ -165,6 +165,11 @@ def to_host(x):
 # ---------------------------------------------------------------------------------------------
 
 
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batch arrays: rows (the leading axis) split over (data, fsdp)."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
 def batch_to_device(batch: dict, mesh: Mesh) -> dict:
   """This process's numpy batch -> global arrays sharded along the batch axis over (data, fsdp).
 
@@ -172,7 +177,7 @@ def batch_to_device(batch: dict, mesh: Mesh) -> dict:
   data.pipeline). A preference batch (twice as many rows as examples: this process's chosen rows,
   then its rejected rows) is regrouped across processes into all chosen rows, then all rejected
   rows, the layout the preference step splits in half."""
-  spec = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  spec = batch_sharding(mesh)
   pairs = (jax.process_count() > 1
            and batch["input_ids"].shape[0] == 2 * batch["example_mask"].shape[0])
   out = {}

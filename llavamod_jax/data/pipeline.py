@@ -162,6 +162,23 @@ class _Prepare:
                        "pixel_values": px} for enc, px in zip(encoded, pixels)]}
 
 
+def batch_shapes(views: Sequence[View], mode: str, batch_size: int, length: int,
+                 images_per_sample: int = 1) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """(shape, dtype) of every array of a batch of `batch_size` examples padded to `length` tokens in
+  the view with the fewest image tokens (example_mask aside): what `_Collate` makes."""
+  rows = (2 if mode == "preference" else 1) * batch_size
+  k, fewest = images_per_sample, min(v.num_image_tokens for v in views)
+  out = {}
+  for view in views:
+    seq = length + k * max(0, view.num_image_tokens - fewest)
+    size, p = view.image_size, view.prefix
+    out.update({f"{p}input_ids": ((rows, seq), np.int32),
+                f"{p}attention_mask": ((rows, seq), np.int32), f"{p}labels": ((rows, seq), np.int32),
+                f"{p}pixel_values": ((rows * k, size, size, 3), np.float32),
+                f"{p}image_mask": ((rows * k,), np.bool_)})
+  return out
+
+
 class _Collate:
   """Examples -> one fixed-shape batch (see the module docstring)."""
 
@@ -170,7 +187,6 @@ class _Collate:
     self.views, self.mode, self.batch_size = tuple(views), mode, batch_size
     self.images_per_sample, self.pad_id, self.max_length = images_per_sample, pad_id, max_length
     self.buckets = sorted({int(b) for b in (length_buckets or ()) if b < max_length} | {max_length})
-    self.min_tokens = min(v.num_image_tokens for v in self.views)
 
   def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
     b, k = self.batch_size, self.images_per_sample
@@ -180,14 +196,14 @@ class _Collate:
     length = next(bucket for bucket in self.buckets if bucket >= longest)
     batch = {"example_mask": np.zeros((b,), np.int32)}
     batch["example_mask"][:len(examples)] = 1
+    shapes = batch_shapes(self.views, self.mode, b, length, k)
     for v, view in enumerate(self.views):
-      seq = length + k * max(0, view.num_image_tokens - self.min_tokens)
-      rows = rows_per_example * b
-      ids = np.full((rows, seq), self.pad_id, np.int32)
-      mask = np.zeros((rows, seq), np.int32)
-      labels = np.full((rows, seq), templates.IGNORE, np.int32)
-      pixels = np.zeros((rows * k, view.image_size, view.image_size, 3), np.float32)
-      image_mask = np.zeros((rows * k,), bool)
+      p = view.prefix
+      ids = np.full(shapes[f"{p}input_ids"][0], self.pad_id, np.int32)
+      mask = np.zeros(*shapes[f"{p}attention_mask"])
+      labels = np.full(shapes[f"{p}labels"][0], templates.IGNORE, np.int32)
+      pixels = np.zeros(*shapes[f"{p}pixel_values"])
+      image_mask = np.zeros(*shapes[f"{p}image_mask"])
       for part in range(rows_per_example):  # chosen rows first, then rejected rows
         for i, ex in enumerate(examples):
           row = part * b + i
@@ -197,7 +213,6 @@ class _Collate:
           px = x["pixel_values"]
           pixels[row * k:row * k + len(px)] = px  # row r owns slots [r*K, (r+1)*K)
           image_mask[row * k:row * k + len(px)] = True
-      p = view.prefix
       batch.update({f"{p}input_ids": ids, f"{p}attention_mask": mask, f"{p}labels": labels,
                     f"{p}pixel_values": pixels, f"{p}image_mask": image_mask})
     return batch

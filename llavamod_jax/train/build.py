@@ -120,6 +120,42 @@ def _numerics(cfg, src):
   return cfg.replace(**moe_kw) if cfg.num_experts else cfg
 
 
+def _upcycled(model_cfg, src):
+  """The config after `src.upcycle` (a dense LM made MoE; an MoE one is kept) and its numerics."""
+  up = src.upcycle
+  text = model_cfg.text if isinstance(model_cfg, LlavaConfig) else model_cfg
+  if up.num_experts and not text.num_experts:
+    text = moe.moe_text_config(text, up.num_experts, up.top_k, up.layers)
+    model_cfg = model_cfg.replace(text=text) if isinstance(model_cfg, LlavaConfig) else text
+  return _numerics(model_cfg, src)
+
+
+def abstract_model(src, cfg, *, role: str, tokenizer=None):
+  """The module `load_model` returns, from config files alone: no weights, no data (planning).
+  The tokenizer is read only by `init=scratch` (its vocabulary size)."""
+  if src.init == "hf":
+    model_cfg = hf.load_config(src.hf_dir, dtype=src.dtype, param_dtype=src.param_dtype)
+  elif src.init == "workdir":
+    model_cfg = checkpoint.restore_config(fileutil.path(src.workdir) / "checkpoints")
+  elif src.init == "compose":
+    vision = hf.load_config(src.vision_hf_dir)
+    vision = vision.vision if isinstance(vision, LlavaConfig) else vision
+    text = hf.load_config(src.llm_hf_dir)
+    if not isinstance(text, TextConfig):
+      raise ValueError(f"llm_hf_dir={src.llm_hf_dir}: not a causal language model")
+    model_cfg = LlavaConfig(text=text, vision=vision, image_token_id=text.vocab_size - 1,
+                            vision_feature_select_strategy="default" if vision.is_clip else "full")
+  elif src.init == "scratch":
+    model_cfg = scratch_config(src, tokenizer or tokenizer_for(cfg))
+    if src.vision_hf_dir:
+      vision = hf.load_config(src.vision_hf_dir)
+      model_cfg = model_cfg.replace(
+          vision=vision.vision if isinstance(vision, LlavaConfig) else vision)
+  else:
+    raise ValueError(f"config.{role}.init={src.init!r} is not supported for the {role}")
+  return models.build(_upcycled(model_cfg, src))
+
+
 def load_model(src, tokenizer, cfg, *, role: str):
   """(module, params) for `cfg.student` or `cfg.teacher` (role names it in errors and logs)."""
   if src.init == "hf":
@@ -137,7 +173,7 @@ def load_model(src, tokenizer, cfg, *, role: str):
   if up.num_experts and not text.num_experts:
     model, params = moe.upcycle(model, params, num_experts=up.num_experts, top_k=up.top_k,
                                 layers=up.layers, seed=up.seed)
-  model = models.build(_numerics(model.cfg, src))
+  model = models.build(_upcycled(model.cfg, src))
   log.info("%s: %s, %s parameters", role, type(model).__name__,
            f"{sum(x.size for x in jax.tree.leaves(params)):,}")
   return model, params

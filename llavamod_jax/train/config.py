@@ -126,8 +126,8 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-  """Errors a user can act on, before anything is built."""
+def validate(c: ml_collections.ConfigDict, *, data: bool = True) -> None:
+  """Errors a user can act on, before anything is built (`data=False`: planning, no data read)."""
   def fail(key, msg):
     raise ValueError(f"config.{key}: {msg}")
 
@@ -161,9 +161,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"{who}.moe.impl auto|ragged|blocked, got dispatch={m.dispatch!r}, impl={m.impl!r}")
   if STAGES[c.stage] in ("mimic", "preference") and c.teacher.init == "none":
     fail("teacher.init", f"stage {c.stage!r} needs a teacher")
-  if not c.data.train_files:
+  if data and not c.data.train_files:
     fail("data.train_files", "no training data given")
-  if c.eval_every and not c.data.eval_files:
+  if data and c.eval_every and not c.data.eval_files:
     fail("data.eval_files", f"required when eval_every={c.eval_every}")
   if c.data.batch_size % c.optimizer.grad_accum_steps:
     fail("optimizer.grad_accum_steps", f"{c.optimizer.grad_accum_steps} does not divide "

@@ -76,16 +76,14 @@ def run(cfg, workdir) -> dict[str, float]:
   # ------------------------------------------------------------------------------------------
   # Optimizer, state, steps.
   # ------------------------------------------------------------------------------------------
-  o = cfg.optimizer
-  tx, schedule = optim.adamw(o.lr, cfg.total_steps, warmup_ratio=o.warmup_ratio,
-                             weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                             grad_clip_norm=o.grad_clip_norm, end_ratio=o.end_ratio)
+  tx, schedule = optim.from_config(cfg.optimizer, cfg.total_steps)
   patterns = optim.trainable_patterns(cfg.trainable)
   state = sharding.replicate_unplaced(steps.init_state(params, patterns, tx, cfg.seed), mesh)
   del params
   loss_cfg = LossConfig(**cfg.loss.to_dict())
   train_step = steps.make_train_step(kind, student, teacher, tx, loss_cfg,
-                                     grad_accum_steps=o.grad_accum_steps, schedule=schedule)
+                                     grad_accum_steps=cfg.optimizer.grad_accum_steps,
+                                     schedule=schedule)
   evaluate = held_out_evaluation(cfg, tokenizer, student, teacher, mesh) if cfg.eval_every else None
 
   # ------------------------------------------------------------------------------------------

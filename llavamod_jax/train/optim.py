@@ -66,3 +66,10 @@ def adamw(lr: float, total_steps: int, *, warmup_ratio: float = 0.03, weight_dec
   parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
   parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
   return optax.chain(*parts), schedule
+
+
+def from_config(o, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """`adamw` with the fields of a run config's `optimizer` section."""
+  return adamw(o.lr, total_steps, warmup_ratio=o.warmup_ratio, weight_decay=o.weight_decay,
+               b1=o.b1, b2=o.b2, eps=o.eps, grad_clip_norm=o.grad_clip_norm,
+               end_ratio=o.end_ratio)

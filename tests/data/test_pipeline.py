@@ -172,6 +172,22 @@ def test_views_share_text_and_trained_tokens(corpus, tok, image_id):
   assert truncated_seen > 0  # max_length=30 cuts some answers: the views still agree
 
 
+@pytest.mark.parametrize("mode", ["conversation", "preference"])
+def test_batch_shapes_are_the_batches_shapes(tmp_path, corpus, tok, image_id, mode):
+  """pipeline.batch_shapes (what launch/plan.py compiles for) against real batches of two views."""
+  views = [View(4, image_id, image_size=8),
+           View(7, image_id, image_kind="siglip", image_size=10, prefix="teacher_")]
+  src = corpus
+  if mode == "preference":
+    src = JsonSource(write_jsonl(tmp_path / "pref.jsonl", [
+        {"id": f"p{i}", "image": _png(tmp_path / f"{i}.png", i), "question": "Shape?",
+         "chosen": "A star.", "rejected": "A hexagon."} for i in range(4)]))
+  batch = next(iter(_pipe(src, tok, image_id, views=views, max_length=40, shuffle=False,
+                          batch_size=2, mode=mode, images_per_sample=2)))
+  want = {k: (v.shape, v.dtype) for k, v in batch.items() if k != "example_mask"}
+  assert pipeline.batch_shapes(views, mode, 2, 40, images_per_sample=2) == want
+
+
 def test_length_buckets(corpus, tok, image_id):
   lengths = set()
   for batch in _pipe(corpus, tok, image_id, length_buckets=[24, 32], batch_size=2):

@@ -1,0 +1,245 @@
+"""Will a stage fit a slice? Compile its real train step ahead of time and read the memory.
+
+    report = plan.plan(cfg, "v5p-8")        # or "local": the devices of this machine
+    report["fits"], report["peak_bytes_per_chip"], report["hbm_bytes_per_chip"]
+
+The stage's teacher and student are built from their config files alone (`build.abstract_model`: no
+weights, no data), sharded with the run's mesh and rules over the slice's devices, and the step that
+`launch/train.py` runs (`steps.make_train_step`, with the config's batch, sequence length,
+accumulation, dtypes, remat and chunking) is lowered on ShapeDtypeStructs and compiled. For a TPU
+slice the devices are compile-only ones from libtpu's topology description (`pip install -e
+".[tpu]"`), so any machine can plan; the compiled program's memory analysis gives per-chip bytes.
+
+Peak per chip: XLA's peak of the compiled SPMD program's buffers (one chip's share), where it
+reports one (TPU), else arguments + outputs - aliased (donated) + temporaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from llavamod_jax import models, sharding
+from llavamod_jax.data import pipeline
+from llavamod_jax.train import build, optim, steps
+from llavamod_jax.train.config import STAGES, LossConfig, validate
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  topology: str  # libtpu's topology name
+  chip_config: str | None  # "megacore": one device per chip (v4, v5p have two TensorCores)
+  hbm_bytes: int  # per chip
+
+
+# Cloud TPU slice names -> libtpu topologies. HBM per chip: v4 32 GiB, v5e 16 GiB, v5p 95 GiB,
+# v6e 32 GiB (Cloud TPU system architecture pages).
+SLICES = {
+    "v4-8": Slice("v4:2x2x1", "megacore", 32 * GiB),
+    "v4-16": Slice("v4:2x2x2", "megacore", 32 * GiB),
+    "v4-32": Slice("v4:2x2x4", "megacore", 32 * GiB),
+    "v5p-8": Slice("v5:2x2x1", "megacore", 95 * GiB),
+    "v5p-16": Slice("v5:2x2x2", "megacore", 95 * GiB),
+    "v5p-32": Slice("v5:2x2x4", "megacore", 95 * GiB),
+    "v5e-4": Slice("v5e:2x2", None, 16 * GiB),
+    "v5e-8": Slice("v5e:2x4", None, 16 * GiB),
+    "v5e-16": Slice("v5e:4x4", None, 16 * GiB),
+    "v6e-4": Slice("v6e:2x2", None, 32 * GiB),
+    "v6e-8": Slice("v6e:2x4", None, 32 * GiB),
+}
+
+
+class PlanError(ValueError):
+  """Bad input: an unknown slice, or a config that cannot be planned."""
+
+
+def devices_of(topology: str):
+  """(devices, HBM bytes per chip or None) of a slice name, or of this machine for "local"."""
+  if topology == "local":
+    devices = jax.devices()
+    stats = devices[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if limit is None and devices[0].platform == "cpu":
+      limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // len(devices)
+    return devices, limit
+  if topology not in SLICES:
+    raise PlanError(f"--topology={topology!r}: expected 'local' or one of {sorted(SLICES)}")
+  try:
+    from jax.experimental import topologies
+  except ImportError as e:  # pragma: no cover - jax ships it
+    raise PlanError(f"jax.experimental.topologies is unavailable: {e}") from None
+  s = SLICES[topology]
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
+  kw = {"chip_config_name": s.chip_config} if s.chip_config else {}
+  try:
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=s.topology, **kw)
+  except Exception as e:  # noqa: BLE001 - libtpu missing or refusing the name
+    raise PlanError(f"--topology={topology}: libtpu cannot describe {s.topology} ({e}); "
+                    "install it with `pip install -e \".[tpu]\"`") from None
+  return desc.devices, s.hbm_bytes
+
+
+def _placed(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def abstract_params(model, mesh):
+  """ShapeDtypeStructs of `model`'s parameters, each with its NamedSharding over `mesh`."""
+  boxed = models.abstract_params(model)
+  return _placed(nn.unbox(boxed), sharding.param_shardings(boxed, mesh))
+
+
+def abstract_state(params, patterns, tx: optax.GradientTransformation, mesh) -> steps.TrainState:
+  """The train state `steps.init_state` makes, abstract: optimizer moments sharded like their
+  parameters, scalars (step, counts, rng) replicated."""
+  replicated = sharding.replicated(mesh)
+  trainable, frozen = optim.partition(params, patterns)
+  opt_state = jax.eval_shape(tx.init, trainable)
+  opt_state = optax.tree_map_params(
+      tx, lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p.sharding), opt_state,
+      trainable, transform_non_params=lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                                     sharding=replicated))
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  return steps.TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=trainable,
+      frozen=frozen, opt_state=opt_state,
+      rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated))
+
+
+def abstract_batch(cfg, student, teacher, mesh) -> dict:
+  """The global batch of one step as the data pipeline makes it (`pipeline.batch_shapes`), padded
+  to data.max_length and sharded over (data, fsdp) as `sharding.batch_to_device` puts it."""
+  mode = "preference" if cfg.stage == "preference" else "conversation"
+  views = build.views(student, teacher, cfg.data.image_aspect)
+  shapes = pipeline.batch_shapes(views, mode, cfg.data.batch_size, cfg.data.max_length,
+                                 cfg.data.images_per_sample)
+  rows = sharding.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=rows) for k, (shape, dtype) in
+          shapes.items()}
+
+
+def plan(cfg, topology: str = "local", *, hbm_bytes: int | None = None, tokenizer=None) -> dict:
+  """Compile the stage's train step for `topology` and report its per-chip memory (see the module
+  docstring) against `hbm_bytes` per chip (default: the slice's HBM). Raises PlanError on bad
+  input."""
+  try:
+    validate(cfg, data=False)
+  except ValueError as e:
+    raise PlanError(str(e)) from None
+  kind = STAGES[cfg.stage]
+  devices, hbm = devices_of(topology)
+  hbm = hbm_bytes if hbm_bytes is not None else hbm
+  teacher = None
+  if kind in ("mimic", "preference"):
+    teacher = build.abstract_model(cfg.teacher, cfg, role="teacher", tokenizer=tokenizer)
+  student = build.abstract_model(cfg.student, cfg, role="student", tokenizer=tokenizer)
+  try:
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+  except ValueError as e:
+    raise PlanError(f"{e} (--topology={topology})") from None
+  rows = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = cfg.data.batch_size // cfg.optimizer.grad_accum_steps
+  if micro % rows:
+    raise PlanError(f"config.data.batch_size={cfg.data.batch_size} / grad_accum_steps="
+                    f"{cfg.optimizer.grad_accum_steps} = {micro} rows per micro-batch do not split "
+                    f"over the {rows} devices of the mesh's data x fsdp axes on {topology}")
+
+  tx, schedule = optim.from_config(cfg.optimizer, cfg.total_steps)
+  patterns = optim.trainable_patterns(cfg.trainable)
+  sparams = abstract_params(student, mesh)
+  state = abstract_state(sparams, patterns, tx, mesh)
+  tparams = abstract_params(teacher, mesh) if teacher is not None else None
+  batch = abstract_batch(cfg, student, teacher, mesh)
+  step = steps.make_train_step(kind, student, teacher, tx, LossConfig(**cfg.loss.to_dict()),
+                               grad_accum_steps=cfg.optimizer.grad_accum_steps, schedule=schedule)
+  t0 = time.time()
+  compiled = step.lower(state, batch, tparams).compile()
+  seconds = time.time() - t0
+
+  mem = compiled.memory_analysis()
+  argument, output = mem.argument_size_in_bytes, mem.output_size_in_bytes
+  alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+  live = argument + output - alias
+  # TPU executables report their buffer assignment's peak (temporaries then read 0); others do not.
+  peak = max(getattr(mem, "peak_memory_in_bytes", 0) or 0, live + temp)
+  temp = peak - live
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  chips = len(devices)
+  per_chip = lambda tree: sum(_shard_bytes(x) for x in jax.tree.leaves(tree))  # noqa: E731
+  tokens = cfg.data.batch_size * (2 if cfg.stage == "preference" else 1) * cfg.data.max_length
+  report = {
+      "fits": bool(hbm is None or peak <= hbm),
+      "peak_bytes_per_chip": int(peak),
+      "hbm_bytes_per_chip": int(hbm) if hbm is not None else None,
+      "compile_seconds": round(seconds, 2),
+      "tokens_per_step": int(tokens),
+      "topology": topology,
+      "num_chips": chips,
+      "mesh": dict(mesh.shape),
+      "device_kind": devices[0].device_kind,
+      "bytes_per_chip": {
+          "trainable_params": per_chip(state.params),
+          "frozen_params": per_chip(state.frozen),
+          "optimizer_state": per_chip(state.opt_state),
+          "teacher_params": per_chip(tparams),
+          "batch": per_chip(batch),
+          "arguments": int(argument), "outputs": int(output), "aliased": int(alias),
+          "temporaries": int(temp),
+      },
+      "parameters": {"student": _count(sparams), "student_trainable": _count(state.params),
+                     "teacher": _count(tparams)},
+      "flops_per_chip": float(cost.get("flops", math.nan)) if cost else math.nan,
+      "stage": cfg.stage,
+      "batch_size": cfg.data.batch_size,
+      "max_length": cfg.data.max_length,
+      "grad_accum_steps": cfg.optimizer.grad_accum_steps,
+  }
+  return report
+
+
+def _shard_bytes(x) -> int:
+  shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+  return math.prod(shape) * jnp.dtype(x.dtype).itemsize
+
+
+def _count(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree)) if tree is not None else 0
+
+
+def summary(report: dict) -> str:
+  """The plan as a few readable lines."""
+  b, gib = report["bytes_per_chip"], lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
+  hbm = report["hbm_bytes_per_chip"]
+  if hbm is None:
+    verdict = "no memory limit known for these devices"
+  elif report["fits"]:
+    verdict = f"FITS: {gib(report['peak_bytes_per_chip'])} of {gib(hbm)} per chip " \
+              f"({gib(hbm - report['peak_bytes_per_chip'])} to spare)"
+  else:
+    verdict = f"DOES NOT FIT: {gib(report['peak_bytes_per_chip'])} per chip, " \
+              f"{gib(report['peak_bytes_per_chip'] - hbm)} over the {gib(hbm)} of HBM"
+  p = report["parameters"]
+  return "\n".join([
+      f"stage {report['stage']} on {report['topology']} ({report['num_chips']} x "
+      f"{report['device_kind']}, mesh {report['mesh']}): {verdict}",
+      f"  per chip: student trainable {gib(b['trainable_params'])}, frozen "
+      f"{gib(b['frozen_params'])}, optimizer state {gib(b['optimizer_state'])}, teacher "
+      f"{gib(b['teacher_params'])}, batch {gib(b['batch'])}, temporaries {gib(b['temporaries'])}",
+      f"  parameters: student {p['student']:,} ({p['student_trainable']:,} trainable), teacher "
+      f"{p['teacher']:,}",
+      f"  step: {report['tokens_per_step']:,} tokens (batch {report['batch_size']} x "
+      f"{report['max_length']}, {report['grad_accum_steps']} micro-batches), "
+      f"{report['flops_per_chip']:.3g} FLOPs per chip (XLA's count); compiled in "
+      f"{report['compile_seconds']:.1f} s",
+  ])
