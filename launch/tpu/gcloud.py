@@ -115,16 +115,41 @@ def env_assignments(env: list[str]) -> list[str]:
   return out
 
 
-def install_from_tarball(remote_dir: str, tarball: str, python: str, jax: str) -> str:
+def home_path(path: str) -> str:
+  """A path as one shell word; a leading ~/ stays the remote user's home ("$HOME"/...)."""
+  return '"$HOME"/' + shlex.quote(path[2:]) if path.startswith("~/") else shlex.quote(path)
+
+
+def venv_python(venv: str) -> str:
+  return home_path(venv.rstrip("/") + "/bin/python")
+
+
+def make_venv(venv: str, python_version: str) -> str:
+  """Create (or keep) a virtual environment of Python `python_version` with uv, which fetches that
+  Python itself: the TPU VM images' own Python (3.10 on tpu-ubuntu2204-base) is too old for the
+  JAX this project needs."""
+  return ('export PATH="$HOME/.local/bin:$PATH"; command -v uv >/dev/null 2>&1 || '
+          "curl -LsSf https://astral.sh/uv/install.sh | sh; "
+          f"uv venv --quiet --seed --allow-existing --python {shlex.quote(python_version)} "
+          f"{home_path(venv)}; ")
+
+
+def install_from_tarball(remote_dir: str, tarball: str, python: str, jax: str,
+                         venv: tuple[str, str] | None = None) -> str:
+  """Unpack the checkout and pip-install it with `jax`; `venv` = (path, python version) first
+  creates that environment (then `python` should be its interpreter, `venv_python`)."""
   d = shlex.quote(remote_dir)
-  return (f"set -e; mkdir -p {d}; tar -xzf {shlex.quote(tarball)} -C {d}; "
+  return (f"set -e; {make_venv(*venv) if venv else ''}mkdir -p {d}; "
+          f"tar -xzf {shlex.quote(tarball)} -C {d}; "
           f"rm -f {shlex.quote(tarball)}; {_pip(remote_dir, python, jax)}")
 
 
-def install_from_git(remote_dir: str, repo: str, ref: str, python: str, jax: str) -> str:
+def install_from_git(remote_dir: str, repo: str, ref: str, python: str, jax: str,
+                     venv: tuple[str, str] | None = None) -> str:
   d = shlex.quote(remote_dir)
   # Fetching the ref and checking out FETCH_HEAD works alike for a branch, a tag and a commit.
-  return (f"set -e; [ -d {d}/.git ] || git clone --quiet {shlex.quote(repo)} {d}; "
+  return (f"set -e; {make_venv(*venv) if venv else ''}"
+          f"[ -d {d}/.git ] || git clone --quiet {shlex.quote(repo)} {d}; "
           f"git -C {d} fetch --quiet origin {shlex.quote(ref)}; "
           f"git -C {d} checkout --quiet --detach FETCH_HEAD; {_pip(remote_dir, python, jax)}")
 

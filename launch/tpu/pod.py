@@ -6,7 +6,8 @@ r"""Run a training stage on a Cloud TPU VM pod slice, driving gcloud from your w
 
 Commands:
   create   a TPU VM (or with --queued a queued resource), then wait until it is ready
-  install  copy this checkout (or clone --repo at --ref) to every worker; pip install -e . jax[tpu]
+  install  make a Python 3.11 venv with uv (--venv), copy this checkout (or clone --repo at --ref)
+           to every worker, pip install -e . jax[tpu] into the venv
   run      launch/train.py on every worker at once (--detach: in the background, survives ssh)
   logs     follow a detached run's log (--worker=0 by default, or all)
   stop     SIGTERM a detached run on every worker (train.py saves a checkpoint first)
@@ -61,10 +62,15 @@ flags.DEFINE_string("repo", None, "Git URL to clone on the workers instead of co
 flags.DEFINE_string("ref", "HEAD", "Branch, tag or commit of --repo.", **_d)
 flags.DEFINE_string("remote_dir", "llavamod_jax", "Checkout on the workers (relative to home).",
                     **_d)
-flags.DEFINE_string("python", "python3", "Python on the workers (a shell word: ~/venv/bin/python "
-                    "works).", **_d)
+flags.DEFINE_string("venv", "~/llavamod_venv", "Virtual environment that `install` creates on "
+                    "every worker with uv (Python --python_version) and that runs train.py; '' "
+                    "uses --python as it is.", **_d)
+flags.DEFINE_string("python_version", "3.11", "Python of --venv (the code needs >= 3.11; the TPU VM "
+                    "images bring 3.10).", **_d)
+flags.DEFINE_string("python", None, "Python on the workers, used as it is (a shell word: "
+                    "~/venv/bin/python works; no --venv is made); default: --venv's.", **_d)
 flags.DEFINE_string("jax", "jax[tpu]", "pip requirement for JAX on the workers, e.g. "
-                    "jax[tpu]==0.6.2.", **_d)
+                    "jax[tpu]==0.10.2.", **_d)
 flags.DEFINE_string("config", None, "Stage config, relative to the repo: configs/mimic.py[:arg].",
                     **_d)
 flags.DEFINE_string("workdir", None, "Run directory; gs://BUCKET/PATH on a multi-host slice.", **_d)
@@ -222,10 +228,21 @@ def pack(repo: Path, out: Path) -> int:
   return len(names)
 
 
+def python() -> str:
+  """The workers' Python: --python, else --venv's, else python3."""
+  if FLAGS.python:
+    return FLAGS.python
+  return gcloud.venv_python(FLAGS.venv) if FLAGS.venv else "python3"
+
+
+def _venv() -> tuple[str, str] | None:
+  return (FLAGS.venv, FLAGS.python_version) if FLAGS.venv and not FLAGS.python else None
+
+
 def install(g: Gcloud, pod: gcloud.Pod) -> None:
   if FLAGS.repo:
     g.call(gcloud.ssh(pod, gcloud.install_from_git(FLAGS.remote_dir, FLAGS.repo, FLAGS.ref,
-                                                   FLAGS.python, FLAGS.jax)))
+                                                   python(), FLAGS.jax, _venv())))
     return
   tarball = Path(tempfile.gettempdir()) / f"llavamod_jax-{pod.name}.tar.gz"
   if g.dry_run:
@@ -235,7 +252,7 @@ def install(g: Gcloud, pod: gcloud.Pod) -> None:
     g.note(f"packed {pack(REPO, tarball)} files of {REPO} ({tarball.stat().st_size:,} bytes)")
   g.call(gcloud.scp(pod, str(tarball), REMOTE_TARBALL))
   g.call(gcloud.ssh(pod, gcloud.install_from_tarball(FLAGS.remote_dir, REMOTE_TARBALL,
-                                                     FLAGS.python, FLAGS.jax)))
+                                                     python(), FLAGS.jax, _venv())))
 
 
 def num_workers(g: Gcloud, pod: gcloud.Pod) -> int:
@@ -270,7 +287,7 @@ def check_run_flags(pod: gcloud.Pod) -> None:
 
 def run(g: Gcloud, pod: gcloud.Pod, train_args: list[str]) -> int:
   script = gcloud.train(FLAGS.remote_dir, FLAGS.config, FLAGS.workdir, train_args, FLAGS.env,
-                        FLAGS.python, detach=FLAGS.detach)
+                        python(), detach=FLAGS.detach)
   if FLAGS.detach or FLAGS.stream == "all":
     code = g.call(gcloud.ssh(pod, script), check=False)
     if FLAGS.detach and not code:

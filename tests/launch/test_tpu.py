@@ -55,6 +55,7 @@ json.dump(st, open(path, "w"))
 sys.exit(code)
 """
 POD = ["--name=lm", "--zone=us-central2-b", "--accelerator_type=v4-32"]
+VENV_PYTHON = '"$HOME"/llavamod_venv/bin/python'  # --venv's default, as the remote shell sees it
 RUN = ["--config=configs/mimic.py:d2s_paper", "--workdir=gs://bucket/llavamod/mimic"]
 
 
@@ -268,9 +269,12 @@ def test_install_copies_the_checkout_git_would_version(fake, tmp_path, monkeypat
   assert ssh[:7] == ["compute", "tpus", "tpu-vm", "ssh", "lm", "--zone=us-central2-b",
                      "--worker=all"]
   assert ssh[7] == "--command=" + gcloud.install_from_tarball(
-      "llavamod_jax", "llavamod_jax_src.tar.gz", "python3", "jax[tpu]")
+      "llavamod_jax", "llavamod_jax_src.tar.gz", VENV_PYTHON, "jax[tpu]", ("~/llavamod_venv", "3.11"))
   assert "tar -xzf llavamod_jax_src.tar.gz -C llavamod_jax" in ssh[7]
-  assert "python3 -m pip install --quiet --upgrade -e . 'jax[tpu]'" in ssh[7]
+  # A Python 3.11 venv made by uv first (the TPU VM image has 3.10), then pip into it.
+  venv = 'uv venv --quiet --seed --allow-existing --python 3.11 "$HOME"/llavamod_venv'
+  pip = f"{VENV_PYTHON} -m pip install --quiet --upgrade -e . 'jax[tpu]'"
+  assert venv in ssh[7] and pip in ssh[7] and ssh[7].index(venv) < ssh[7].index(pip)
   # Model weights left un-ignored in the checkout would be copied to every worker: refused.
   monkeypatch.setattr(pod, "MAX_COPY_BYTES", 100)
   (src / "weights.safetensors").write_bytes(b"0" * 200)
@@ -288,6 +292,19 @@ def test_install_from_git(fake):
   assert "fetch --quiet origin v1.2" in command
   assert "checkout --quiet --detach FETCH_HEAD" in command
   assert "~/venv/bin/python -m pip install --quiet --upgrade -e . 'jax[tpu]==0.6.2'" in command
+  assert "uv venv" not in command  # an explicit --python is used as it is
+
+
+def test_install_venv_options(fake):
+  assert _pod("install", *POD, "--repo=https://example.com/r.git", "--python_version=3.12",
+              "--venv=/opt/env") == 0
+  assert _pod("install", *POD, "--repo=https://example.com/r.git", "--venv=") == 0
+  made, plain = (c[7].removeprefix("--command=") for c in fake.calls)
+  assert "uv venv --quiet --seed --allow-existing --python 3.12 /opt/env;" in made
+  assert "/opt/env/bin/python -m pip install" in made
+  assert "uv venv" not in plain and "; cd llavamod_jax && python3 -m pip install" in plain
+  for command in (made, plain):  # valid shell
+    assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
 
 
 def test_run_on_all_workers_as_a_user_types_it(fake):
@@ -303,7 +320,7 @@ def test_run_on_all_workers_as_a_user_types_it(fake):
       "--worker=all",
       ("--command=cd llavamod_jax && echo $$ > tpu_run.pid && exec env "
        "LIBTPU_INIT_ARGS=--xla_tpu_enable_latency_hiding_scheduler="
-       "true python3 launch/train.py --config=configs/mimic.py:d2s_paper "
+       f"true {VENV_PYTHON} launch/train.py --config=configs/mimic.py:d2s_paper "
        "--workdir=gs://bucket/llavamod/mimic --config.optimizer.lr=1e-5 --config.total_steps=100 "
        "--distributed=on")]
   assert "step 2 on worker all" in p.stdout  # gcloud's output streams through
@@ -334,7 +351,7 @@ def test_detach_logs_stop(fake):
   assert _pod("logs", *POD) == 0
   assert _pod("stop", *POD) == 0
   run, logs, stop = (c[7].removeprefix("--command=") for c in fake.calls)
-  assert "setsid nohup python3 launch/train.py" in run and "> tpu_run.log 2>&1" in run
+  assert f"setsid nohup {VENV_PYTHON} launch/train.py" in run and "> tpu_run.log 2>&1" in run
   assert fake.calls[1][6] == "--worker=0" and logs == "tail -n +1 -F llavamod_jax/tpu_run.log"
   assert fake.calls[2][6] == "--worker=all"
   assert "P=$(cat llavamod_jax/tpu_run.pid) && { kill -TERM -- -$P" in stop
@@ -365,10 +382,10 @@ def test_dry_run_prints_the_commands_and_calls_no_gcloud(fake, tmp_path):
   assert [l[1:] for l in lines] == [
       gcloud.create(q), gcloud.state(q), gcloud.scp(q, tarball, "llavamod_jax_src.tar.gz"),
       gcloud.ssh(q, gcloud.install_from_tarball("llavamod_jax", "llavamod_jax_src.tar.gz",
-                                                "python3", "jax[tpu]")),
+                                                VENV_PYTHON, "jax[tpu]", ("~/llavamod_venv", "3.11"))),
       gcloud.ssh(q, gcloud.train("llavamod_jax", "configs/mimic.py:d2s_paper",
                                  "gs://bucket/llavamod/mimic", ["--config.optimizer.lr=1e-5"],
-                                 ["XLA_FLAGS=--a --b"], "python3")),
+                                 ["XLA_FLAGS=--a --b"], VENV_PYTHON)),
       gcloud.delete(q)]
   assert "# repeat until it prints ACTIVE" in p.stdout
 
