@@ -173,7 +173,7 @@ def validate(c: ml_collections.ConfigDict, *, data: bool = True) -> None:
 def paper_data(c: ml_collections.ConfigDict, files: list[str], image_root: str, *, batch: int,
                accum: int, lr: float) -> None:
   """The original scripts' training setting at paper scale: 2,048 tokens, per-device batch x
-  accumulation, bf16, no clipping, chunked KL."""
+  accumulation, bf16 compute and a bf16 frozen teacher, no clipping, chunked KL."""
   c.data.train_files = files
   c.data.image_root = image_root
   c.data.max_length = 2048
@@ -183,6 +183,8 @@ def paper_data(c: ml_collections.ConfigDict, files: list[str], image_root: str, 
   c.optimizer.lr = lr
   c.optimizer.grad_clip_norm = 0.0  # the original's DeepSpeed config applies no clipping
   c.student.dtype = c.teacher.dtype = "bfloat16"
+  c.teacher.param_dtype = "bfloat16"  # frozen: bf16 weights, as the original loads it; the student
+  # keeps fp32 parameters (and Adam moments) under bf16 compute
   c.loss.chunk_size = 512
   c.total_steps = 10000
   c.log_every = 10

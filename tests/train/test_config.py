@@ -38,3 +38,20 @@ def test_expert_parallel_reaches_the_model():
   model, _ = build.load_model(src, tiny_run.tokenizer(), cfg, role="student")
   assert model.cfg.text.num_experts == 4
   assert model.cfg.text.moe_expert_parallel == mode
+
+
+@pytest.mark.parametrize("path,arg", [("adaptor", "paper"), ("mimic", "d2d_paper"),
+                                      ("mimic", "d2s_paper"), ("preference", "paper")])
+def test_paper_recipes_compute_in_bf16_with_fp32_student_parameters(path, arg):
+  import importlib.util
+  from pathlib import Path
+
+  spec = importlib.util.spec_from_file_location(
+      f"{path}_config", Path(__file__).resolve().parents[2] / "configs" / f"{path}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(arg)
+  config_lib.validate(c)
+  assert (c.student.dtype, c.student.param_dtype) == ("bfloat16", "float32")
+  assert (c.teacher.dtype, c.teacher.param_dtype) == ("bfloat16", "bfloat16")
+  assert c.data.max_length == 2048 and c.loss.chunk_size == 512
