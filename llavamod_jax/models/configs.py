@@ -61,7 +61,8 @@ class TextConfig:
   # Numerics and memory.
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
-  remat: bool = False
+  remat: bool = False  # recompute each decoder layer in the backward pass
+  remat_policy: str = "full"  # what remat keeps of a layer (layers.REMAT_POLICIES)
   hf_extra: str = "{}"  # JSON: HF config fields carried through unchanged
 
   @property
@@ -90,6 +91,7 @@ class VisionConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  remat_policy: str = "full"
   hf_extra: str = "{}"
 
   @property

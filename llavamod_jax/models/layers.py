@@ -119,6 +119,23 @@ def attention(q, k, v, mask, dtype):
   return out.reshape(b, s, h * d)
 
 
+# What a rematerialised layer keeps for the backward pass (MaxText's names where they exist):
+# full keeps nothing (least memory, one more forward); save_dots keeps every matmul output;
+# save_dots_no_batch keeps the matmuls against weights, not attention's (which grow with seq^2).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat(layer_cls, policy: str, **kw):
+  """`layer_cls` rematerialised in the backward pass, keeping what `policy` names."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy {policy!r}: expected one of {sorted(REMAT_POLICIES)}")
+  return nn.remat(layer_cls, policy=REMAT_POLICIES[policy], **kw)
+
+
 def constrain(x, axes: Sequence[str | None]):
   """Activation sharding constraint by logical names; a no-op outside a mesh + rules context."""
   return nn.with_logical_constraint(x, tuple(axes))

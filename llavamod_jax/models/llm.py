@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from llavamod_jax.models.configs import TextConfig, to_dtype
-from llavamod_jax.models.layers import Linear, RMSNorm, apply_rope, attention, constrain, rope_cos_sin
+from llavamod_jax.models.layers import (Linear, RMSNorm, apply_rope, attention, constrain, remat,
+                                        rope_cos_sin)
 from llavamod_jax.models.moe_block import MoeBlock
 
 BATCH_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -126,7 +127,8 @@ class DecoderLM(nn.Module):
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
                                                     ("vocab", "embed")))
     # `train` (arg 7 counting self) only picks the MoE capacity factor: static under remat.
-    layer_cls = nn.remat(DecoderLayer, static_argnums=(7,)) if cfg.remat else DecoderLayer
+    layer_cls = (remat(DecoderLayer, cfg.remat_policy, static_argnums=(7,)) if cfg.remat
+                 else DecoderLayer)
     self.layers = [layer_cls(cfg, i) for i in range(cfg.num_layers)]
     self.norm = RMSNorm(cfg.rms_norm_eps, dtype, pdtype)
     if not cfg.tie_word_embeddings:

@@ -14,7 +14,7 @@ import flax.struct
 import jax.numpy as jnp
 
 from llavamod_jax.models.configs import VisionConfig, to_dtype
-from llavamod_jax.models.layers import Linear, activation, attention, layer_norm
+from llavamod_jax.models.layers import Linear, activation, attention, layer_norm, remat
 
 _init = nn.initializers.normal(0.02)
 
@@ -131,7 +131,7 @@ class VisionTower(nn.Module):
     if cfg.is_clip:
       x = layer_norm(cfg.layer_norm_eps, dtype, pdtype, name="pre_layrnorm")(x)
     hidden_states = [x]
-    layer_cls = nn.remat(EncoderLayer) if cfg.remat else EncoderLayer
+    layer_cls = remat(EncoderLayer, cfg.remat_policy) if cfg.remat else EncoderLayer
     for i in range(cfg.num_layers):
       x = layer_cls(cfg, name=f"layers_{i}")(x)
       hidden_states.append(x)

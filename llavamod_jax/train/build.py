@@ -106,7 +106,8 @@ def _compose(src, tokenizer, seed: int):
 
 def _numerics(cfg, src):
   """Apply a source's dtype / remat / MoE options to a model config."""
-  text_kw = dict(dtype=src.dtype, param_dtype=src.param_dtype, remat=src.remat)
+  text_kw = dict(dtype=src.dtype, param_dtype=src.param_dtype, remat=src.remat,
+                 remat_policy=src.remat_policy)
   m = src.moe
   moe_kw = dict(moe_dispatch=m.dispatch, moe_impl=m.impl, capacity_factor=m.capacity_factor,
                 eval_capacity_factor=m.eval_capacity_factor, min_capacity=m.min_capacity,

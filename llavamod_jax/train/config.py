@@ -56,6 +56,7 @@ def model_source(init: str = "scratch") -> ml_collections.ConfigDict:
       "dtype": "float32",  # compute dtype (bfloat16 on accelerators)
       "param_dtype": "float32",  # parameter (and optimizer state) dtype
       "remat": False,  # recompute each decoder layer in the backward pass (less activation memory)
+      "remat_policy": "full",  # what remat keeps: full (nothing) | save_dots | save_dots_no_batch
       # Sparse upcycling of the LLM (num_experts 0: keep it dense). layers: sparse (0, 2, 4, ...) |
       # first_half | second_half | all | a comma-separated list of indices.
       "upcycle": {"num_experts": 0, "top_k": 2, "layers": "sparse", "seed": 0},

@@ -79,3 +79,33 @@ def test_remat_gives_same_logits_and_grads(pair, tmp_path):
   g1, g2 = jax.grad(loss(model))(params), jax.grad(loss(model_r))(params)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_remat_policies_keep_the_gradients_and_save_less(pair, capsys):
+  """Each remat policy gives the unrematerialised gradients; full keeps the fewest residuals for the
+  backward pass, save_dots the most of the three, no remat more than any."""
+  import jax
+  from jax.ad_checkpoint import print_saved_residuals
+
+  from llavamod_jax import models
+
+  _, model, params = pair
+  ids = jnp.asarray(np.random.default_rng(5).integers(0, tiny_hf.VOCAB, (2, 6)))
+
+  def loss(m):
+    return lambda p: jnp.mean(m.apply({"params": p}, ids).logits ** 2)
+
+  want = jax.grad(loss(model))(params)
+  saved = {}
+  for policy in ("none", "full", "save_dots_no_batch", "save_dots"):
+    m = model if policy == "none" else models.build(model.cfg.replace(remat=True,
+                                                                      remat_policy=policy))
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(m))(params)), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    capsys.readouterr()
+    print_saved_residuals(loss(m), params)
+    saved[policy] = len(capsys.readouterr().out.splitlines())
+  assert saved["full"] < saved["save_dots_no_batch"] < saved["save_dots"] < saved["none"], saved
+  with pytest.raises(ValueError, match="remat_policy 'everything': expected one of"):
+    bad = models.build(model.cfg.replace(remat=True, remat_policy="everything"))
+    bad.init(jax.random.key(0), ids)
