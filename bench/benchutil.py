@@ -167,58 +167,6 @@ def cores() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-# ---------------------------------------------------------------------------------------------
-# Analytic FLOPs (multiply-add = 2 FLOPs). Attention counts the full [seq, seq] score matrix, as
-# the PaLM MFU convention does (and as both implementations compute it): no causal discount.
-# ---------------------------------------------------------------------------------------------
-
-
-def layer_matmul_params(cfg: TextConfig, layer: int) -> dict[str, int]:
-  """Multiply-add weights per token of one decoder layer, split into attention and FFN (active)."""
-  h, hd = cfg.hidden_size, cfg.resolved_head_dim
-  q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-  attn = h * (q + 2 * kv) + q * h
-  if cfg.num_experts and layer in cfg.moe_layers:
-    inter = cfg.moe_intermediate_size or cfg.intermediate_size
-    ffn = cfg.num_experts_per_tok * 3 * h * inter + h * cfg.num_experts  # k experts + router
-  else:
-    ffn = 3 * h * cfg.intermediate_size
-  return {"attn": attn, "ffn": ffn}
-
-
-def forward_flops(cfg: TextConfig, batch: int, seq: int) -> dict[str, float]:
-  """Forward FLOPs of a decoder LM on [batch, seq] tokens: weight matmuls, attention, LM head."""
-  tokens = batch * seq
-  q = cfg.num_heads * cfg.resolved_head_dim
-  per = [layer_matmul_params(cfg, i) for i in range(cfg.num_layers)]
-  return {
-      "attn_proj": 2.0 * tokens * sum(p["attn"] for p in per),
-      "ffn": 2.0 * tokens * sum(p["ffn"] for p in per),
-      "attn_scores": 4.0 * tokens * seq * q * cfg.num_layers,  # QK^T and PV
-      "head": 2.0 * tokens * cfg.hidden_size * cfg.vocab_size,
-  }
-
-
-def train_flops(cfg: TextConfig, batch: int, seq: int, trainable: str) -> float:
-  """Forward + backward FLOPs of one training step of `cfg`.
-
-  Backward = gradients of activations (2x the forward of every matmul and of attention, down to the
-  first layer) + gradients of trainable weights (1x the forward of their matmuls).
-  trainable: "all" | "ffn" (FFN / experts / router only: the paper's dense-to-sparse stage).
-  """
-  f = forward_flops(cfg, batch, seq)
-  fwd = sum(f.values())
-  act_grads = fwd  # d(input) of each matmul costs what its forward costs
-  act_grads += f["attn_scores"]  # attention has two matmul inputs that both need gradients
-  weight_grads = f["ffn"] if trainable == "ffn" else f["ffn"] + f["attn_proj"] + f["head"]
-  return fwd + act_grads + weight_grads
-
-
-def mimic_flops(teacher: TextConfig, student: TextConfig, batch: int, seq: int, trainable: str) -> float:
-  """Teacher forward + student training step (the KL/softmax elementwise work is not counted)."""
-  return sum(forward_flops(teacher, batch, seq).values()) + train_flops(student, batch, seq, trainable)
-
-
 def batch_arrays(vocab: int, batch: int, seq: int, prompt_frac: float = 0.25, seed: int = 0):
   """Random token ids, all-ones attention mask, labels with the first `prompt_frac` of each row masked
   (as a prompt), as numpy int32 / int64 arrays."""

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 import benchutil as bu
+from llavamod_jax.train import flops as flop_count
 import jax_steps as js
 from llavamod_jax import losses, moe
 from llavamod_jax.train import optim, steps
@@ -216,10 +217,10 @@ def run(profile: bu.Profile, log=print) -> dict:
     d_train, d_frozen = partition(dparams, js.TRAINABLE["ffn"])
     dense_grad = _student_grads(dense, d_train, d_frozen, batch, kl=False)
     fns["dense student CE"] = lambda: jax.block_until_ready(dense_grad(d_train, t_logits))
-    dense_flops = bu.train_flops(dcfg, p.batch, p.seq, "ffn")
+    dense_flops = flop_count.train_flops(dcfg, p.batch, p.seq, "ffn")
   times = {n: bu.median(t) for n, t in bu.interleaved(fns, p.step_repeats, warmup=1).items()}
-  t_fwd = sum(bu.forward_flops(tcfg, p.batch, p.seq).values())
-  s_train = bu.train_flops(student.cfg, p.batch, p.seq, "ffn")
+  t_fwd = sum(flop_count.forward_flops(tcfg, p.batch, p.seq).values())
+  s_train = flop_count.train_flops(student.cfg, p.batch, p.seq, "ffn")
   parts = [
       {"part": "teacher forward (logits)", "s": times["teacher forward"], "flops": t_fwd},
       {"part": "student forward + backward, CE + aux only", "s": times["student CE"], "flops": s_train},

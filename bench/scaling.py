@@ -12,6 +12,7 @@ from __future__ import annotations
 
 
 import benchutil as bu
+from llavamod_jax.train import flops as flop_count
 import jax_steps as js
 
 
@@ -25,7 +26,7 @@ def _sweep(profile: bu.Profile, variants: dict, log) -> list[dict]:
     student, sparams = js.build_student(p.student.text(p.vocab), experts, p.top_k, p.moe_layers)
     arrays = bu.batch_arrays(p.vocab, batch, seq)
     fns[label] = js.make_step("mimic", student, sparams, teacher, tparams, batch=arrays, trainable="ffn")
-    flops[label] = bu.mimic_flops(tcfg, student.cfg, batch, seq, "ffn")
+    flops[label] = flop_count.mimic_flops(tcfg, student.cfg, batch, seq, "ffn")
     tokens[label] = batch * seq
   times = bu.interleaved(fns, p.scale_repeats, warmup=1)
   rows = []

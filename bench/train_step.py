@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 import benchutil as bu
+from llavamod_jax.train import flops as flop_count
 import jax_steps as js
 
 
@@ -102,7 +103,7 @@ def run(profile: bu.Profile, log=print) -> dict:
   }
   first = {n: _loss(f()) for n, f in fns.items()}  # compile + the losses at the shared start weights
   times = bu.interleaved(fns, p.step_repeats, warmup=0)
-  flops = bu.mimic_flops(tcfg, student.cfg, p.batch, p.seq, "ffn")
+  flops = flop_count.mimic_flops(tcfg, student.cfg, p.batch, p.seq, "ffn")
   rows.append(_row("mimic (KL + CE + aux), naive KL", times, "ours", tokens, flops,
                    js.xla_flops(fns["ours"]), peak, first["ours"], first["torch"]))
   rows.append(_row(f"mimic, chunked KL ({chunk} positions)", times, "ours_chunked", tokens,
@@ -127,7 +128,7 @@ def run(profile: bu.Profile, log=print) -> dict:
            "torch_1t": ts.TorchStep("sft", ts.load(module, params), batch, trainable="all", threads=1)}
     first = {n: _loss(f()) for n, f in fns.items()}
     times = bu.interleaved(fns, p.step_repeats, warmup=0)
-    flops = bu.train_flops(module.cfg, p.batch, p.seq, "all")
+    flops = flop_count.train_flops(module.cfg, p.batch, p.seq, "all")
     rows.append(_row(name, times, "ours", tokens, flops, js.xla_flops(fns["ours"]), peak,
                      first["ours"], first["torch"]))
     log(_summary(rows[-1]))

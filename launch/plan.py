@@ -1,7 +1,7 @@
 r"""Will a stage fit a slice? Compiles its train step ahead of time and reports per-chip memory.
 
     python launch/plan.py --config=configs/mimic.py:d2s_paper --topology=v5p-8 [--out=plan.json] \
-        [--config.data.batch_size=8 ...]
+        [--compare_attention] [--config.data.batch_size=8 ...]
 
 Builds the stage's teacher and student from their config files alone (HF `config.json`, or a
 workdir's checkpoint config; no weights, no data), shards them with the run's mesh and rules over
@@ -25,6 +25,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:va
                                           lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "local", "A TPU slice (v5p-8, v5e-16, ...) or 'local'.")
 _OUT = flags.DEFINE_string("out", None, "Write the plan as JSON here.")
+_COMPARE = flags.DEFINE_bool("compare_attention", False, "Compile a second time with "
+                             "attention='xla' and report the memory the configured kernels save.")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Plan against this much memory per chip (GiB) "
                               "instead of the slice's HBM (or the local devices' limit).")
 
@@ -42,7 +44,8 @@ def main(argv):
     return 2
   try:
     hbm = None if _HBM_GIB.value is None else int(_HBM_GIB.value * plan.GiB)
-    report = plan.plan(_CONFIG.value, _TOPOLOGY.value, hbm_bytes=hbm)
+    report = plan.plan(_CONFIG.value, _TOPOLOGY.value, hbm_bytes=hbm,
+                       compare_attention=_COMPARE.value)
   except (plan.PlanError, FileNotFoundError, ValueError) as e:
     print(f"plan: {e}", file=sys.stderr)
     return 2

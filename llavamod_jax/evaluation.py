@@ -36,13 +36,13 @@ import json
 import os
 import re
 import string
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llavamod_jax import fileutil
 from llavamod_jax import generate as generate_lib
 from llavamod_jax import losses, models
 from llavamod_jax.data import image, pipeline, sources, templates
@@ -103,10 +103,10 @@ def read_records(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
     paths = [paths]
   out: list[EvalRecord] = []
   for path in paths:
-    path = Path(path)
+    path = fileutil.path(path)
     if not path.is_file():
       raise sources.DataError(f"evaluation file {str(path)!r} does not exist")
-    root = os.fspath(image_root) if image_root is not None else str(path.resolve().parent)
+    root = os.fspath(image_root) if image_root is not None else _directory(path)
     for origin, raw in _raw_records(path):
       if limit is not None and len(out) >= limit:
         return out
@@ -118,7 +118,13 @@ def read_records(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
   return out
 
 
-def _raw_records(path: Path) -> Iterable[tuple[str, Any]]:
+def _directory(path: fileutil.AnyPath) -> str:
+  """The absolute directory of a data file: a gs:// file's parent as it is (epath's `resolve()`
+  would make it local), a local file's with symlinks resolved."""
+  return str(path.parent) if fileutil.is_remote(path) else str(path.resolve().parent)
+
+
+def _raw_records(path: fileutil.AnyPath) -> Iterable[tuple[str, Any]]:
   text = path.read_text()
   if text.lstrip().startswith("["):
     try:

@@ -31,6 +31,24 @@ def path(p: str | os.PathLike) -> AnyPath:
   return epath.Path(p) if is_remote(p) else Path(p)
 
 
+def is_absolute(p: str | os.PathLike) -> bool:
+  """A URI or an absolute local path: what a relative path (of an image, say) is never joined to."""
+  return is_remote(p) or os.path.isabs(p)
+
+
+def absolute(p: str | os.PathLike) -> str:
+  """`p` made absolute against the working directory when local (as `os.path.abspath`); a URI as it
+  is (a bucket has no working directory, and epath's `resolve()` would turn gs://b/x into a local
+  path under the working directory)."""
+  return os.fspath(p) if is_remote(p) else os.path.abspath(p)
+
+
+def open_file(p: str | os.PathLike, mode: str = "r"):
+  """`open(p, mode)` for a local path, epath's `open` for a URI: both files read, seek and iterate
+  lines, so readers of random-access offsets work on either without copying the file."""
+  return epath.Path(p).open(mode) if is_remote(p) else open(p, mode)
+
+
 def copy_tree(src: AnyPath, dst: AnyPath) -> None:
   """Copy the files under `src` into `dst` (either may be remote), replacing same-named files."""
   dst.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from flax import traverse_util
 
 from llavamod_jax import models
 from llavamod_jax.models.configs import LlavaConfig, TextConfig
+from llavamod_jax.models import scan
 from llavamod_jax.models.moe_block import router_init
 
 def parse_layers(layers: str | Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -54,8 +55,10 @@ def upcycle(model, params, num_experts: int = 4, top_k: int = 2, layers="sparse"
   """Dense LLaVA or LM (module, params) -> MoE student (module, params).
 
   `options` are further TextConfig MoE fields (moe_dispatch, capacity_factor, router_noise, ...).
+  Either parameter layout (models/scan.py) goes in; the result has the model's.
   """
   cfg = model.cfg
+  params = scan.relayout(params, scan.unrolled_config(cfg))
   text = cfg.text if isinstance(cfg, LlavaConfig) else cfg
   if text.num_experts:
     raise ValueError("model is already a MoE model (num_experts="
@@ -79,7 +82,7 @@ def upcycle(model, params, num_experts: int = 4, top_k: int = 2, layers="sparse"
     }
     new_lm[f"layers_{i}"] = layer
   new_params = {**params, "language_model": new_lm} if isinstance(cfg, LlavaConfig) else new_lm
-  return models.build(new_cfg), new_params
+  return models.build(new_cfg), scan.relayout(new_params, new_cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,20 +90,43 @@ def upcycle(model, params, num_experts: int = 4, top_k: int = 2, layers="sparse"
 # ---------------------------------------------------------------------------------------------
 
 
-def per_layer(moe_state: dict[str, Any]) -> dict[str, dict[str, jax.Array]]:
-  """{"language_model/layers_0/mlp": {"load_balancing_loss": ..., "tokens_per_expert": ...}, ...}."""
-  flat = traverse_util.flatten_dict(moe_state, sep="/")
+def _flat(moe_state) -> dict[str, jax.Array]:
+  return {k: v[0] if isinstance(v, tuple) else v
+          for k, v in traverse_util.flatten_dict(moe_state, sep="/").items()}
+
+
+def per_layer(moe_state: dict[str, Any], cfg=None) -> dict[str, dict[str, jax.Array]]:
+  """{"language_model/layers_0/mlp": {"load_balancing_loss": ..., "tokens_per_expert": ...}, ...}.
+
+  A scanned model (models/scan.py) sows each statistic stacked over its scan groups; naming them per
+  layer takes the scan period, which `cfg` (the model's config) gives."""
+  flat = _flat(moe_state)
+  counts = scan.members(list(flat))
+  if counts:
+    if cfg is None:
+      raise ValueError("the MoE statistics of scanned layers are stacked: pass the model's config "
+                       "to name them per layer")
+    text = cfg.text if isinstance(cfg, LlavaConfig) else cfg
+    flat = scan.unstack_collection(flat, {k: scan.text_period(text) for k in counts})
   out: dict[str, dict[str, jax.Array]] = {}
   for path, value in flat.items():
     layer, name = path.rsplit("/", 1)
-    out.setdefault(layer, {})[name] = value[0] if isinstance(value, tuple) else value
+    out.setdefault(layer, {})[name] = value
   return out
+
+
+def stats(moe_state: dict[str, Any]) -> dict[str, jax.Array]:
+  """Each statistic over every MoE layer, stacked on a leading layer axis (either layout; the
+  order of the layers is not kept)."""
+  out: dict[str, list[jax.Array]] = {}
+  for path, value in _flat(moe_state).items():
+    stacked = bool(scan.members([path]))
+    out.setdefault(path.rsplit("/", 1)[1], []).append(value if stacked else value[None])
+  return {k: jnp.concatenate(v) for k, v in out.items()}
 
 
 def aux_losses(moe_state: dict[str, Any]) -> dict[str, jax.Array]:
   """Load-balancing and z losses summed over MoE layers (0.0 for a dense model)."""
-  layers = per_layer(moe_state).values()
-  return {
-      "load_balancing_loss": sum((m["load_balancing_loss"] for m in layers), jnp.float32(0.0)),
-      "z_loss": sum((m["z_loss"] for m in layers), jnp.float32(0.0)),
-  }
+  s = stats(moe_state)
+  return {name: jnp.sum(s[name]) if name in s else jnp.float32(0.0)
+          for name in ("load_balancing_loss", "z_loss")}

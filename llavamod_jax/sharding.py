@@ -39,6 +39,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv", "tensor"),
     ("expert", "expert"),
     ("norm", None),
+    ("layers", None),  # the stacking axis of scanned layers (models/scan.py): every device holds all
 )
 
 

@@ -36,6 +36,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from llavamod_jax import fileutil
+
 # The processors' defaults (transformers.image_utils.OPENAI_CLIP_* and IMAGENET_STANDARD_*).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -56,7 +58,8 @@ class ImageError(ValueError):
 
 def load_image(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview,
                name: str | None = None) -> Image.Image:
-  """Reads and fully decodes an image file (or encoded bytes) into memory; the mode is left as stored.
+  """Reads and fully decodes an image file (local, or a URI such as gs://...) or encoded bytes into
+  memory; the mode is left as stored.
 
   Raises `ImageError` (a ValueError) naming the file, or `name` for bytes, when it is missing, unreadable,
   empty or not a decodable image (truncated files included)."""
@@ -66,7 +69,7 @@ def load_image(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview
   else:
     source = os.fspath(path_or_bytes)
     try:
-      with open(source, "rb") as f:
+      with fileutil.open_file(source, "rb") as f:
         data = f.read()
     except FileNotFoundError as e:
       raise ImageError(f"image file {source!r} does not exist", source=source, reason="missing") from e

@@ -53,13 +53,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 from typing import Any, Sequence
 
 import grain
 import numpy as np
 
+from llavamod_jax import fileutil
 from llavamod_jax.data import sources as sources_lib
 from llavamod_jax.data import templates
 
@@ -114,11 +114,12 @@ class _Prepare:
 
     loaded = []
     for src in record.images[:num_images]:
-      if isinstance(src, str) and not os.path.isfile(src):
-        raise _ImageSkip("missing_image", f"image file {src!r} does not exist")
       try:
         loaded.append(image_lib.load_image(src))
       except image_lib.ImageError as e:
+        # Asked only after a failure: on a bucket every question is a request.
+        if isinstance(src, str) and not fileutil.path(src).is_file():
+          raise _ImageSkip("missing_image", f"image file {src!r} does not exist") from e
         raise _ImageSkip("corrupt_image", str(e)) from e
     out, cache = [], {}
     for view in self.views:

@@ -16,9 +16,11 @@ it replaces the template's system prompt). The keys "role" / "content" are accep
 (after an optional system turn), start with the user and end with the assistant; the original drops a
 leading assistant turn silently, here that record is counted as "bad_turn_order".
 Images: relative paths are joined to `image_root` (default: the data file's directory), absolute paths
-are kept. The text must hold exactly one `<image>` per image, except in RLAIF-V style records, whose
-question carries no placeholder by convention: there "<image>\\n" is prepended once per image when the
-question has none.
+and URIs are kept. The text must hold exactly one `<image>` per image, except in RLAIF-V style
+records, whose question carries no placeholder by convention: there "<image>\\n" is prepended once
+per image when the question has none.
+Files: data files, image roots and images may be local paths or URIs (gs://..., any scheme
+etils.epath reads); every process reads them where they are, nothing is copied.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 
+from llavamod_jax import fileutil
 from llavamod_jax.data.templates import IMAGE_PLACEHOLDER
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -152,7 +155,8 @@ def _images(raw: dict, image_root: str | None) -> tuple[str, ...]:
   paths = [image] if isinstance(image, str) else image
   if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
     raise _Invalid("malformed_record", f"'image' must be a path or a list of paths, got {image!r}")
-  return tuple(p if os.path.isabs(p) or image_root is None else os.path.join(image_root, p)
+  # A gs:// root joins as a local one does: URIs use "/" like POSIX paths.
+  return tuple(p if fileutil.is_absolute(p) or image_root is None else os.path.join(image_root, p)
                for p in paths)
 
 
@@ -234,8 +238,9 @@ def _checked(record: Record | Bad, kind: str | None) -> Record | Bad:
 
 class JsonSource:
   """A LLaVA JSON list or JSONL file. JSONL is indexed by line offsets and read lazily (large files
-  stay on disk, and worker processes receive only the offsets); a JSON list is parsed once and each
-  element is kept as compact JSON text. The format is detected from the first non-blank character."""
+  stay on disk or in the bucket, and worker processes receive only the offsets); a JSON list is
+  parsed once and each element is kept as compact JSON text. The format is detected from the first
+  non-blank character."""
 
   def __init__(self, path: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
                kind: str | None = None):
@@ -243,11 +248,11 @@ class JsonSource:
       raise ValueError(f"kind {kind!r}: expected one of {KINDS} or None")
     self.path = os.fspath(path)
     self.kind = kind
-    root = os.path.dirname(os.path.abspath(self.path)) if image_root is None else image_root
+    root = os.path.dirname(fileutil.absolute(self.path)) if image_root is None else image_root
     self.image_root = os.fspath(root)
-    if not os.path.isfile(self.path):
+    if not fileutil.path(self.path).is_file():
       raise DataError(f"data file {self.path!r} does not exist")
-    with open(self.path, "rb") as f:
+    with fileutil.open_file(self.path, "rb") as f:
       first = b""
       while not first.strip():
         chunk = f.read(4096)
@@ -287,7 +292,9 @@ class JsonSource:
     else:
       origin = f"{self.path}:{self._lines[i]}"
       start, stop = (int(x) for x in self._offsets[i])
-      with open(self.path, "rb") as f:  # one open per read: safe from reader threads and processes
+      # One open per read: safe from reader threads and processes; a gs:// file is read from its
+      # offset too, never copied.
+      with fileutil.open_file(self.path, "rb") as f:
         f.seek(start)
         text = f.read(stop - start)
     try:
@@ -350,8 +357,10 @@ class TfdsSource:
                data_dir: str | os.PathLike | None = None, kind: str | None = None):
     import tensorflow_datasets as tfds  # heavy; only sources that read TFDS pay for it
 
+    # A gs:// directory is handed to TFDS as it is: TFDS reads its metadata through epath, and
+    # array_record reads the shards from the bucket itself (its own GCS reader).
     self.name, self.split, self.kind = os.fspath(name_or_dir), split, kind
-    if os.path.isfile(os.path.join(self.name, "dataset_info.json")):
+    if (fileutil.path(self.name) / "dataset_info.json").is_file():
       self._data = tfds.builder_from_directory(self.name).as_data_source(split=split)
     else:
       self._data = tfds.data_source(self.name, split=split, data_dir=data_dir)

@@ -16,17 +16,25 @@ Records the source marks bad, and records whose image files are missing, are not
 counted per reason (returned, and stored in the dataset's metadata under "skipped"), and
 `strict=True` raises at the first. Image bytes are not decoded here: a corrupt image is caught when
 the pipeline reads it.
+
+On a bucket: records and images are read from gs:// as `sources` reads them, and a gs:// `data_dir`
+is written through a local staging directory (array_record reads gs:// shards itself but writes
+local files only), then uploaded; `sources.TfdsSource` reads the uploaded directory in place.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from llavamod_jax import fileutil
 from llavamod_jax.data import sources as sources_lib
 
 log = logging.getLogger(__name__)
@@ -36,7 +44,7 @@ VERSION = "1.0.0"
 def _read_image(path_or_bytes: str | bytes) -> bytes:
   if isinstance(path_or_bytes, bytes):
     return path_or_bytes
-  with open(path_or_bytes, "rb") as f:
+  with fileutil.open_file(path_or_bytes, "rb") as f:
     return f.read()
 
 
@@ -102,9 +110,28 @@ def prepare(splits: Mapping[str, Any], data_dir: str | os.PathLike, *, name: str
   as the TFDS dataset `llava_records/<name>` under `data_dir`. Returns the dataset directory (what
   `sources.TfdsSource` opens) and per split the counts of written and skipped records per reason.
   An existing prepared dataset of that name and version is reused as it is."""
+  if fileutil.is_remote(data_dir):
+    return _prepare_remote(splits, os.fspath(data_dir), name=name, strict=strict)
   builder = LlavaRecords(splits=splits, name=name, strict=strict, data_dir=os.fspath(data_dir))
   builder.download_and_prepare()
   for split, counts in builder.counts.items():
     if counts:
       log.info("tfds %s/%s: %s", name, split, counts)
   return os.fspath(builder.data_dir), builder.counts
+
+
+def _prepare_remote(splits: Mapping[str, Any], data_dir: str, *, name: str,
+                    strict: bool) -> tuple[str, dict[str, dict[str, int]]]:
+  """`prepare` into a URI: built in a local temporary directory, then uploaded with
+  dataset_info.json last, so an interrupted upload is never taken for a prepared dataset."""
+  remote = fileutil.path(data_dir) / LlavaRecords.name / name / VERSION
+  if (remote / "dataset_info.json").is_file():
+    return os.fspath(remote), {split: {} for split in splits}
+  with tempfile.TemporaryDirectory() as tmp:
+    local, counts = prepare(splits, tmp, name=name, strict=strict)
+    files = sorted(Path(local).iterdir(), key=lambda f: f.name == "dataset_info.json")
+    remote.mkdir(parents=True, exist_ok=True)
+    for f in files:  # the builder writes a flat directory of shards and metadata
+      with f.open("rb") as src, (remote / f.name).open("wb") as dst:
+        shutil.copyfileobj(src, dst)  # streamed: a shard need not fit in memory
+  return os.fspath(remote), counts

@@ -27,6 +27,7 @@ from flax import traverse_util
 from llavamod_jax import fileutil, models, sharding
 from llavamod_jax.hf import families
 from llavamod_jax.hf.safetensors_io import INDEX_NAME, SINGLE_NAME, Checkpoint, plan_shards, write_file
+from llavamod_jax.models import scan
 from llavamod_jax.models.configs import to_dtype
 
 log = logging.getLogger(__name__)
@@ -250,6 +251,7 @@ def save(model, params, out_dir: str | os.PathLike, *, dtype: str | None = None,
   out_dir = Path(out_dir)
   if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
     raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
+  model, params = scan.unrolled(model, nn.unbox(params), host=True)  # HF names every layer
   cfg = model.cfg
   lay = families.layout(cfg)
   rules = _rules(lay)

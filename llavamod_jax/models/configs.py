@@ -63,6 +63,10 @@ class TextConfig:
   param_dtype: str = "float32"
   remat: bool = False  # recompute each decoder layer in the backward pass
   remat_policy: str = "full"  # what remat keeps of a layer (layers.REMAT_POLICIES)
+  # Run the layers as one `nn.scan` over stacked parameters (compile time independent of depth); the
+  # parameter tree then holds `scanned_layers` instead of `layers_0 ..` (models/scan.py converts).
+  scan_layers: bool = False
+  attention: str = "auto"  # auto | xla | cudnn | splash (layers.attention)
   hf_extra: str = "{}"  # JSON: HF config fields carried through unchanged
 
   @property
@@ -92,6 +96,8 @@ class VisionConfig:
   param_dtype: str = "float32"
   remat: bool = False
   remat_policy: str = "full"
+  scan_layers: bool = False  # as TextConfig.scan_layers
+  attention: str = "auto"  # as TextConfig.attention
   hf_extra: str = "{}"
 
   @property

@@ -7,12 +7,13 @@ and a rules table (`llavamod_jax.sharding`) turn them into device placements. To
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from llavamod_jax.models.attention import attention  # noqa: F401 - the layers' entry point
 
 Dtype = jnp.dtype
 default_kernel_init = nn.initializers.normal(stddev=0.02)
@@ -101,31 +102,20 @@ def apply_rope(x, cos, sin):
   return x * cos + rotated * sin
 
 
-def attention(q, k, v, mask, dtype):
-  """Grouped-query softmax attention.
-
-  q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
-  mask: bool [batch, q_len, kv_len] or None. Scores and softmax in fp32.
-  """
-  b, s, h, d = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(b, s, kv_heads, h // kv_heads, d)
-  scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
-  scores = scores / math.sqrt(d)
-  if mask is not None:
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(dtype))
-  return out.reshape(b, s, h * d)
-
-
 # What a rematerialised layer keeps for the backward pass (MaxText's names where they exist):
-# full keeps nothing (least memory, one more forward); save_dots keeps every matmul output;
-# save_dots_no_batch keeps the matmuls against weights, not attention's (which grow with seq^2).
+# none: no remat (every activation kept); full keeps nothing (least memory, one more forward);
+# save_dots keeps every matmul output; save_dots_no_batch the matmuls against weights, not
+# attention's (which grow with seq^2); save_qkv_proj the q/k/v projections, save_out_proj the
+# attention output projection, save_dot_except_mlp all four projections (not the FFN's, the largest).
+_POLICY = jax.checkpoint_policies
 REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_saveable,
-    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "none": None,
+    "full": _POLICY.nothing_saveable,
+    "save_dots": _POLICY.dots_saveable,
+    "save_dots_no_batch": _POLICY.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": _POLICY.save_only_these_names("q_proj", "k_proj", "v_proj"),
+    "save_out_proj": _POLICY.save_only_these_names("o_proj"),
+    "save_dot_except_mlp": _POLICY.save_only_these_names("q_proj", "k_proj", "v_proj", "o_proj"),
 }
 
 
@@ -133,6 +123,8 @@ def remat(layer_cls, policy: str, **kw):
   """`layer_cls` rematerialised in the backward pass, keeping what `policy` names."""
   if policy not in REMAT_POLICIES:
     raise ValueError(f"remat_policy {policy!r}: expected one of {sorted(REMAT_POLICIES)}")
+  if policy == "none":
+    return layer_cls
   return nn.remat(layer_cls, policy=REMAT_POLICIES[policy], **kw)
 
 

@@ -58,9 +58,9 @@ class Llava(nn.Module):
   def image_features(self, pixel_values):
     """[images, H, W, 3] -> projected features [images, num_image_tokens, text_hidden]."""
     cfg = self.cfg
-    hs = self.vision_tower(pixel_values).hidden_states
-    layer = cfg.vision_feature_layer
-    feats = (hs[layer] if isinstance(layer, int) else jnp.concatenate([hs[i] for i in layer], -1))
+    layers = ((cfg.vision_feature_layer,) if isinstance(cfg.vision_feature_layer, int)
+              else tuple(cfg.vision_feature_layer))
+    feats = jnp.concatenate(self.vision_tower(pixel_values, select=layers).selected, -1)
     if cfg.vision_feature_select_strategy == "default":
       feats = feats[:, 1:]
     elif cfg.vision_feature_select_strategy != "full":

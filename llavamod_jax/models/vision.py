@@ -15,15 +15,17 @@ import jax.numpy as jnp
 
 from llavamod_jax.models.configs import VisionConfig, to_dtype
 from llavamod_jax.models.layers import Linear, activation, attention, layer_norm, remat
+from llavamod_jax.models.scan import SCANNED
 
 _init = nn.initializers.normal(0.02)
 
 
 @flax.struct.dataclass
 class VisionOutput:
-  hidden_states: tuple  # num_layers + 1 tensors of [images, tokens, hidden]
+  hidden_states: tuple  # num_layers + 1 tensors of [images, tokens, hidden] (() when not kept)
   last_hidden_state: Any
   pooled: Any
+  selected: tuple = ()  # the hidden states `select` asked for, in its order
 
 
 class VisionAttention(nn.Module):
@@ -37,7 +39,7 @@ class VisionAttention(nn.Module):
     hd = cfg.hidden_size // cfg.num_heads
     q, k, v = (Linear(cfg.hidden_size, ("embed", "heads"), True, dtype, pdtype, name=n)(x)
                .reshape(b, s, cfg.num_heads, hd) for n in ("q_proj", "k_proj", "v_proj"))
-    out = attention(q, k, v, None, dtype)
+    out = attention(q, k, v, None, dtype, cfg.attention)
     return Linear(cfg.hidden_size, ("heads", "embed"), True, dtype, pdtype, name="out_proj")(out)
 
 
@@ -64,6 +66,28 @@ class EncoderLayer(nn.Module):
         layer_norm(cfg.layer_norm_eps, dtype, pdtype, name="layer_norm1")(x))
     return x + VisionMLP(cfg, name="mlp")(
         layer_norm(cfg.layer_norm_eps, dtype, pdtype, name="layer_norm2")(x))
+
+
+def _layer_cls(cfg: VisionConfig):
+  return remat(EncoderLayer, cfg.remat_policy) if cfg.remat else EncoderLayer
+
+
+class EncoderStep(nn.Module):
+  """The body `nn.scan` repeats (scan_layers): one layer on the carry (x, kept). `kept` holds the
+  hidden states at the indices `select` names (hidden_states numbering: 0 the embeddings, i the
+  output of layer i), so only those are kept, not one per layer; with `all_outputs` every layer's
+  output is a scan output too."""
+
+  cfg: VisionConfig
+  select: tuple[int, ...] = ()
+  all_outputs: bool = True
+
+  @nn.compact
+  def __call__(self, carry, index):
+    x, kept = carry
+    x = _layer_cls(self.cfg)(self.cfg, name="layer_0")(x)
+    kept = tuple(jnp.where(index + 1 == i, x, k) for i, k in zip(self.select, kept))
+    return (x, kept), (x if self.all_outputs else None)
 
 
 class Embeddings(nn.Module):
@@ -112,7 +136,7 @@ class PoolingHead(nn.Module):
     kv = in_proj(x)
     k = kv[..., d:2 * d].reshape(n, s, heads, d // heads)
     v = kv[..., 2 * d:].reshape(n, s, heads, d // heads)
-    h = out_proj(attention(q, k, v, None, dtype))
+    h = out_proj(attention(q, k, v, None, dtype, cfg.attention))
     h = h + VisionMLP(cfg, name="mlp")(layer_norm(cfg.layer_norm_eps, dtype, pdtype, name="layernorm")(h))
     return h[:, 0]
 
@@ -121,7 +145,9 @@ class VisionTower(nn.Module):
   cfg: VisionConfig
 
   @nn.compact
-  def __call__(self, pixel_values) -> VisionOutput:
+  def __call__(self, pixel_values, select: tuple[int, ...] | None = None) -> VisionOutput:
+    """select: hidden_states indices (negative from the end) to return in `selected`; a scanned
+    tower then keeps only those instead of every layer's output."""
     cfg = self.cfg
     dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
     if pixel_values.ndim != 4 or pixel_values.shape[-1] != cfg.num_channels:
@@ -131,14 +157,28 @@ class VisionTower(nn.Module):
     if cfg.is_clip:
       x = layer_norm(cfg.layer_norm_eps, dtype, pdtype, name="pre_layrnorm")(x)
     hidden_states = [x]
-    layer_cls = remat(EncoderLayer, cfg.remat_policy) if cfg.remat else EncoderLayer
-    for i in range(cfg.num_layers):
-      x = layer_cls(cfg, name=f"layers_{i}")(x)
-      hidden_states.append(x)
+    wanted = tuple(i % (cfg.num_layers + 1) for i in (select or ()))
+    if cfg.scan_layers:
+      scanned = nn.scan(EncoderStep, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=0, length=cfg.num_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      (x, kept), outputs = scanned(cfg, wanted, select is None, name=SCANNED)(
+          (x, (x,) * len(wanted)), jnp.arange(cfg.num_layers))
+      if select is None:
+        hidden_states += [outputs[i] for i in range(cfg.num_layers)]
+      else:
+        hidden_states = []
+    else:
+      for i in range(cfg.num_layers):
+        x = _layer_cls(cfg)(cfg, name=f"layers_{i}")(x)
+        hidden_states.append(x)
     post = layer_norm(cfg.layer_norm_eps, dtype, pdtype, name="post_layernorm")
     if cfg.is_clip:  # CLIP keeps the raw encoder output and pools the normed class token
       last, pooled = x, post(x[:, 0])
     else:
       last = post(x)
       pooled = PoolingHead(cfg, name="head")(last) if cfg.use_head else None
-    return VisionOutput(hidden_states=tuple(hidden_states), last_hidden_state=last, pooled=pooled)
+    if not cfg.scan_layers:
+      kept = tuple(hidden_states[i] for i in wanted)
+    return VisionOutput(hidden_states=tuple(hidden_states), last_hidden_state=last, pooled=pooled,
+                        selected=kept)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from llavamod_jax import checkpoint, fileutil, hf, models, moe
 from llavamod_jax.data import pipeline, sources, templates
+from llavamod_jax.models import scan
 from llavamod_jax.models.configs import LlavaConfig, TextConfig, VisionConfig
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,8 @@ def _compose(src, tokenizer, seed: int):
 def _numerics(cfg, src):
   """Apply a source's dtype / remat / MoE options to a model config."""
   text_kw = dict(dtype=src.dtype, param_dtype=src.param_dtype, remat=src.remat,
-                 remat_policy=src.remat_policy)
+                 remat_policy=src.remat_policy, scan_layers=src.scan_layers,
+                 attention=src.attention)
   m = src.moe
   moe_kw = dict(moe_dispatch=m.dispatch, moe_impl=m.impl, capacity_factor=m.capacity_factor,
                 eval_capacity_factor=m.eval_capacity_factor, min_capacity=m.min_capacity,
@@ -115,8 +117,7 @@ def _numerics(cfg, src):
   if isinstance(cfg, LlavaConfig):
     text = cfg.text.replace(**text_kw)
     text = text.replace(**moe_kw) if text.num_experts else text
-    return cfg.replace(text=text, vision=cfg.vision.replace(dtype=src.dtype,
-                                                            param_dtype=src.param_dtype))
+    return cfg.replace(text=text, vision=cfg.vision.replace(**text_kw))
   cfg = cfg.replace(**text_kw)
   return cfg.replace(**moe_kw) if cfg.num_experts else cfg
 
@@ -175,6 +176,7 @@ def load_model(src, tokenizer, cfg, *, role: str):
     model, params = moe.upcycle(model, params, num_experts=up.num_experts, top_k=up.top_k,
                                 layers=up.layers, seed=up.seed)
   model = models.build(_upcycled(model.cfg, src))
+  params = scan.relayout(params, model.cfg)  # stacked for scan_layers, whatever was read
   log.info("%s: %s, %s parameters", role, type(model).__name__,
            f"{sum(x.size for x in jax.tree.leaves(params)):,}")
   return model, params

@@ -56,7 +56,11 @@ def model_source(init: str = "scratch") -> ml_collections.ConfigDict:
       "dtype": "float32",  # compute dtype (bfloat16 on accelerators)
       "param_dtype": "float32",  # parameter (and optimizer state) dtype
       "remat": False,  # recompute each decoder layer in the backward pass (less activation memory)
-      "remat_policy": "full",  # what remat keeps: full (nothing) | save_dots | save_dots_no_batch
+      # what remat keeps: none (remat off) | full (nothing) | save_dots | save_dots_no_batch |
+      # save_qkv_proj | save_out_proj | save_dot_except_mlp (models/layers.py)
+      "remat_policy": "full",
+      "scan_layers": False,  # LM and vision layers as one nn.scan: compile time independent of depth
+      "attention": "auto",  # auto | xla (einsum) | cudnn (GPU flash) | splash (TPU Pallas kernel)
       # Sparse upcycling of the LLM (num_experts 0: keep it dense). layers: sparse (0, 2, 4, ...) |
       # first_half | second_half | all | a comma-separated list of indices.
       "upcycle": {"num_experts": 0, "top_k": 2, "layers": "sparse", "seed": 0},
@@ -109,7 +113,11 @@ def base() -> ml_collections.ConfigDict:
       "template": "qwen",  # qwen (the original's) | chatml | plain
       "image_aspect": "pad",  # pad (to square, mean colour) | square | none
       "max_length": 128,  # tokens per row, image tokens included
-      "batch_size": 16,  # global batch (rows; preference: pairs)
+      "batch_size": 16,  # global batch (rows; preference: pairs); 0: from per_device_batch_size
+      # > 0 (with batch_size 0): rows per device per micro-batch, as the original's
+      # per_device_train_batch_size; the global batch is this x the mesh's data x fsdp devices x
+      # grad_accum_steps, so a recipe keeps whole rows per device on any slice (resolve_batch)
+      "per_device_batch_size": 0,
       "images_per_sample": 1,  # image slots per row
       "worker_count": 0,  # grain worker processes
       "shuffle": True,  # shuffle train_files (seeded; reshuffled every epoch)
@@ -166,19 +174,42 @@ def validate(c: ml_collections.ConfigDict, *, data: bool = True) -> None:
     fail("data.train_files", "no training data given")
   if data and c.eval_every and not c.data.eval_files:
     fail("data.eval_files", f"required when eval_every={c.eval_every}")
+  if (c.data.batch_size > 0) == (c.data.per_device_batch_size > 0):
+    fail("data.batch_size", f"{c.data.batch_size} with data.per_device_batch_size="
+         f"{c.data.per_device_batch_size}: set exactly one of them (> 0), the other to 0")
+  if c.optimizer.grad_accum_steps < 1:
+    fail("optimizer.grad_accum_steps", f"must be >= 1, got {c.optimizer.grad_accum_steps}")
   if c.data.batch_size % c.optimizer.grad_accum_steps:
     fail("optimizer.grad_accum_steps", f"{c.optimizer.grad_accum_steps} does not divide "
          f"data.batch_size={c.data.batch_size}")
 
 
+def resolve_batch(c: ml_collections.ConfigDict, mesh) -> int:
+  """Set `data.batch_size` from `data.per_device_batch_size` on `mesh` (when that is the one set)
+  and return the global batch; either way each micro-batch must split into whole rows over the
+  devices that split the batch (data x fsdp)."""
+  devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  accum = c.optimizer.grad_accum_steps
+  if c.data.per_device_batch_size > 0:
+    c.data.batch_size = c.data.per_device_batch_size * devices * accum
+  micro = c.data.batch_size // accum
+  if micro % devices:
+    raise ValueError(
+        f"config.data.batch_size={c.data.batch_size} / optimizer.grad_accum_steps={accum} = {micro} "
+        f"rows per micro-batch do not split over the {devices} devices of the mesh's data x fsdp "
+        f"axes; set data.per_device_batch_size instead (then batch_size=0)")
+  return c.data.batch_size
+
+
 def paper_data(c: ml_collections.ConfigDict, files: list[str], image_root: str, *, batch: int,
                accum: int, lr: float) -> None:
   """The original scripts' training setting at paper scale: 2,048 tokens, per-device batch x
-  accumulation, bf16 compute and a bf16 frozen teacher, no clipping, chunked KL."""
+  devices x accumulation (the original's per_device_train_batch_size, on every GPU), bf16 compute and a bf16 frozen teacher, no clipping, chunked KL."""
   c.data.train_files = files
   c.data.image_root = image_root
   c.data.max_length = 2048
-  c.data.batch_size = batch * accum
+  c.data.batch_size = 0
+  c.data.per_device_batch_size = batch  # x the slice's batch devices x accum: the global batch
   c.data.worker_count = 8
   c.optimizer.grad_accum_steps = accum
   c.optimizer.lr = lr
@@ -187,6 +218,11 @@ def paper_data(c: ml_collections.ConfigDict, files: list[str], image_root: str, 
   c.teacher.param_dtype = "bfloat16"  # frozen: bf16 weights, as the original loads it; the student
   # keeps fp32 parameters (and Adam moments) under bf16 compute
   c.loss.chunk_size = 512
+  # Compile once per repeating layer group, not per layer (models/scan.py), and keep no activations
+  # of the student's layers for the backward pass: 25.1 -> 11.6 GiB per v5p chip for d2s
+  # (docs/scale.md). The teacher runs forward only: remat would change nothing there.
+  c.student.scan_layers = c.teacher.scan_layers = True
+  c.student.remat = True
   c.total_steps = 10000
   c.log_every = 10
   c.checkpoint_every = 500

@@ -32,6 +32,7 @@ from llavamod_jax import checkpoint, distributed, fileutil, sharding
 from llavamod_jax import workdir as workdir_lib
 from llavamod_jax.data import pipeline
 from llavamod_jax.train import build, metrics, optim, steps
+from llavamod_jax.train import config as config_lib
 from llavamod_jax.train.config import STAGES, LossConfig, validate
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def run(cfg, workdir) -> dict[str, float]:
   # Devices: the mesh; every parameter split by its logical axes.
   # ------------------------------------------------------------------------------------------
   mesh = sharding.make_mesh(cfg.mesh)
+  config_lib.resolve_batch(cfg, mesh)
   params = sharding.place(student, params, mesh)
   if teacher is not None:
     teacher_params = sharding.place(teacher, teacher_params, mesh)
@@ -243,8 +245,8 @@ def write_run_info(workdir: fileutil.AnyPath, cfg, model, tokenizer) -> None:
   if jax.process_index() != 0:
     return
   files = cfg.data.report_files or cfg.data.eval_files
-  files = tuple(str(Path(f).resolve()) for f in files)  # readers may run from anywhere
-  root = str(Path(cfg.data.image_root).resolve()) if cfg.data.image_root else None
+  files = tuple(fileutil.absolute(f) for f in files)  # readers may run from anywhere
+  root = fileutil.absolute(cfg.data.image_root) if cfg.data.image_root else None
   fileutil.save_pretrained(tokenizer, workdir / "tokenizer")
   has_teacher = STAGES[cfg.stage] in ("mimic", "preference")
   workdir_lib.RunInfo(

@@ -13,6 +13,8 @@ from typing import Sequence
 import optax
 from flax import traverse_util
 
+from llavamod_jax.models import scan
+
 # The paper's stages (as the original code sets requires_grad; the vision tower is always frozen).
 STAGE_TRAINABLE = {
     "adaptor": (r"multi_modal_projector/.*",),
@@ -33,15 +35,30 @@ def trainable_patterns(spec: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def partition(params, patterns: Sequence[str]):
-  """(trainable, frozen) nested dicts; a path is trainable when any pattern fully matches it."""
+  """(trainable, frozen) nested dicts; a path is trainable when any pattern fully matches it.
+
+  Patterns name unrolled paths (`layers_3/mlp/...`) whatever the layout: a stacked parameter of
+  scanned layers trains when the patterns match it in every layer it holds (models/scan.py)."""
   compiled = [re.compile(p) for p in patterns]
   flat = traverse_util.flatten_dict(params, sep="/")
-  train = {k: v for k, v in flat.items() if any(c.fullmatch(k) for c in compiled)}
+  members = scan.members(list(flat))
+  train = {k: v for k, v in flat.items() if _trains(k, v, compiled, members)}
   if not train:
     raise ValueError(f"no parameter matches the trainable patterns {list(patterns)}; paths look "
                      f"like {sorted(flat)[:3]}; stage names: {sorted(STAGE_TRAINABLE)}")
   frozen = {k: v for k, v in flat.items() if k not in train}
   return (traverse_util.unflatten_dict(train, sep="/"), traverse_util.unflatten_dict(frozen, sep="/"))
+
+
+def _trains(path: str, leaf, compiled, members: dict[str, int]) -> bool:
+  paths = scan.unrolled_paths(path, leaf.shape, members)
+  hits = [any(c.fullmatch(p) for c in compiled) for p in paths]
+  if any(hits) and not all(hits):
+    raise ValueError(f"the trainable patterns match {paths[hits.index(True)]} but not "
+                     f"{paths[hits.index(False)]}: layers that share a stacked parameter of "
+                     f"scanned layers ({path}) train together; set scan_layers=False or widen the "
+                     "patterns")
+  return all(hits)
 
 
 def merge(trainable, frozen):

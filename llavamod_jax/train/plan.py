@@ -16,9 +16,11 @@ reports one (TPU), else arguments + outputs - aliased (donated) + temporaries.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
+import re
 import time
 
 import flax.linen as nn
@@ -28,7 +30,8 @@ import optax
 
 from llavamod_jax import models, sharding
 from llavamod_jax.data import pipeline
-from llavamod_jax.train import build, optim, steps
+from llavamod_jax.train import build, flops, optim, steps
+from llavamod_jax.train import config as config_lib
 from llavamod_jax.train.config import STAGES, LossConfig, validate
 
 GiB = 2**30
@@ -79,6 +82,7 @@ def devices_of(topology: str):
     raise PlanError(f"jax.experimental.topologies is unavailable: {e}") from None
   s = SLICES[topology]
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chip to hold a lock on
   kw = {"chip_config_name": s.chip_config} if s.chip_config else {}
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=s.topology, **kw)
@@ -128,10 +132,21 @@ def abstract_batch(cfg, student, teacher, mesh) -> dict:
           shapes.items()}
 
 
-def plan(cfg, topology: str = "local", *, hbm_bytes: int | None = None, tokenizer=None) -> dict:
+def plan(cfg, topology: str = "local", *, hbm_bytes: int | None = None, tokenizer=None,
+         compare_attention: bool = False) -> dict:
   """Compile the stage's train step for `topology` and report its per-chip memory (see the module
   docstring) against `hbm_bytes` per chip (default: the slice's HBM). Raises PlanError on bad
-  input."""
+  input.
+
+  `compare_attention`: compile the step a second time with attention='xla' (the einsum that holds
+  the [q, k] scores) for teacher and student, and report under "attention" what the configured
+  kernels save in temporaries per chip."""
+  xla_cfg = None
+  if compare_attention:
+    xla_cfg = copy.deepcopy(cfg)
+    for role in ("student", "teacher"):
+      if role in xla_cfg:
+        xla_cfg[role].attention = "xla"
   try:
     validate(cfg, data=False)
   except ValueError as e:
@@ -145,14 +160,9 @@ def plan(cfg, topology: str = "local", *, hbm_bytes: int | None = None, tokenize
   student = build.abstract_model(cfg.student, cfg, role="student", tokenizer=tokenizer)
   try:
     mesh = sharding.make_mesh(cfg.mesh, devices)
+    config_lib.resolve_batch(cfg, mesh)  # a per-device batch becomes this slice's global batch
   except ValueError as e:
     raise PlanError(f"{e} (--topology={topology})") from None
-  rows = mesh.shape["data"] * mesh.shape["fsdp"]
-  micro = cfg.data.batch_size // cfg.optimizer.grad_accum_steps
-  if micro % rows:
-    raise PlanError(f"config.data.batch_size={cfg.data.batch_size} / grad_accum_steps="
-                    f"{cfg.optimizer.grad_accum_steps} = {micro} rows per micro-batch do not split "
-                    f"over the {rows} devices of the mesh's data x fsdp axes on {topology}")
 
   tx, schedule = optim.from_config(cfg.optimizer, cfg.total_steps)
   patterns = optim.trainable_patterns(cfg.trainable)
@@ -162,24 +172,36 @@ def plan(cfg, topology: str = "local", *, hbm_bytes: int | None = None, tokenize
   batch = abstract_batch(cfg, student, teacher, mesh)
   step = steps.make_train_step(kind, student, teacher, tx, LossConfig(**cfg.loss.to_dict()),
                                grad_accum_steps=cfg.optimizer.grad_accum_steps, schedule=schedule)
+  per_chip = lambda tree: sum(_shard_bytes(x) for x in jax.tree.leaves(tree))  # noqa: E731
   t0 = time.time()
-  compiled = step.lower(state, batch, tparams).compile()
+  try:
+    compiled = step.lower(state, batch, tparams).compile()
+  except jax.errors.JaxRuntimeError as e:
+    # The TPU compiler refuses a program whose temporaries exceed HBM; its message has their size.
+    compiled, temp = None, _refused_temporaries(str(e))
+    if temp is None:
+      raise
   seconds = time.time() - t0
 
-  mem = compiled.memory_analysis()
-  argument, output = mem.argument_size_in_bytes, mem.output_size_in_bytes
-  alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
-  live = argument + output - alias
-  # TPU executables report their buffer assignment's peak (temporaries then read 0); others do not.
-  peak = max(getattr(mem, "peak_memory_in_bytes", 0) or 0, live + temp)
-  temp = peak - live
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if compiled is not None:
+    mem = compiled.memory_analysis()
+    argument, output = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+    live = argument + output - alias
+    # TPU executables report their buffer assignment's peak (temporaries then read 0); others don't.
+    peak = max(getattr(mem, "peak_memory_in_bytes", 0) or 0, live + temp)
+    temp = peak - live
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  else:  # arguments from their shardings; outputs (the new state) alias them
+    argument = per_chip((state, batch, tparams))
+    output = alias = per_chip(state)
+    peak, cost = argument + temp, None
   chips = len(devices)
-  per_chip = lambda tree: sum(_shard_bytes(x) for x in jax.tree.leaves(tree))  # noqa: E731
   tokens = cfg.data.batch_size * (2 if cfg.stage == "preference" else 1) * cfg.data.max_length
   report = {
-      "fits": bool(hbm is None or peak <= hbm),
+      "fits": bool(compiled is not None and (hbm is None or peak <= hbm)),
+      "refused_by_compiler": compiled is None,  # temporaries over HBM: the peak is a lower bound
       "peak_bytes_per_chip": int(peak),
       "hbm_bytes_per_chip": int(hbm) if hbm is not None else None,
       "compile_seconds": round(seconds, 2),
@@ -199,13 +221,61 @@ def plan(cfg, topology: str = "local", *, hbm_bytes: int | None = None, tokenize
       },
       "parameters": {"student": _count(sparams), "student_trainable": _count(state.params),
                      "teacher": _count(tparams)},
-      "flops_per_chip": float(cost.get("flops", math.nan)) if cost else math.nan,
+      # Analytic model FLOPs of the step (train/flops.py), split evenly over the chips; XLA's count
+      # sees a scanned layer once and remat's recomputation, so it is kept only for reference.
+      "flops_per_chip": step_flops(cfg, kind, student, teacher, patterns) / chips,
+      "xla_flops_per_chip": float(cost.get("flops", math.nan)) if cost else math.nan,
       "stage": cfg.stage,
       "batch_size": cfg.data.batch_size,
       "max_length": cfg.data.max_length,
       "grad_accum_steps": cfg.optimizer.grad_accum_steps,
+      "attention": {role: attention_impl(cfg[role].attention, devices[0].platform,
+                                         cfg[role].dtype)
+                    for role in ("student", "teacher") if role == "student" or teacher is not None},
   }
+  if xla_cfg is not None:
+    einsum = plan(xla_cfg, topology, hbm_bytes=hbm_bytes, tokenizer=tokenizer)
+    report["attention"].update(
+        xla_peak_bytes_per_chip=einsum["peak_bytes_per_chip"],
+        xla_temporaries_bytes_per_chip=einsum["bytes_per_chip"]["temporaries"],
+        xla_refused_by_compiler=einsum["refused_by_compiler"],
+        saved_bytes_per_chip=einsum["peak_bytes_per_chip"] - report["peak_bytes_per_chip"])
   return report
+
+
+def attention_impl(key: str, platform: str, dtype: str) -> str:
+  """What `attention=key` runs for the 2,048-token training self-attention on `platform`
+  (models/attention.resolve; head dims the paper's models have)."""
+  if key != "auto":
+    return key
+  if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "splash" if platform == "tpu" else "xla"
+
+
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _refused_temporaries(message: str) -> int | None:
+  """Bytes of temporaries in the TPU compiler's "Ran out of memory" refusal, else None."""
+  m = re.search(r"memory required for HLO temporaries \(([\d.]+)([KMGT])\)", message)
+  return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
+
+
+_PART_PATHS = {"ffn": "language_model/layers_0/mlp/gate_proj/kernel",
+               "attn_proj": "language_model/layers_0/self_attn/q_proj/kernel",
+               "head": "language_model/lm_head/kernel"}
+
+
+def step_flops(cfg, kind: str, student, teacher, patterns) -> float:
+  """Analytic FLOPs of one optimizer step: which LM weights get gradients is read off the trainable
+  patterns (the unrolled paths they name)."""
+  compiled = [re.compile(p) for p in patterns]
+  parts = tuple(part for part, path in _PART_PATHS.items()
+                if any(c.fullmatch(path) for c in compiled))
+  rows = cfg.data.batch_size * (2 if kind == "preference" else 1)
+  images = rows * cfg.data.images_per_sample
+  return flops.step_flops(kind, student, teacher, rows, cfg.data.max_length, images, parts)
 
 
 def _shard_bytes(x) -> int:
@@ -227,8 +297,11 @@ def summary(report: dict) -> str:
     verdict = f"FITS: {gib(report['peak_bytes_per_chip'])} of {gib(hbm)} per chip " \
               f"({gib(hbm - report['peak_bytes_per_chip'])} to spare)"
   else:
-    verdict = f"DOES NOT FIT: {gib(report['peak_bytes_per_chip'])} per chip, " \
+    at_least = "at least " if report["refused_by_compiler"] else ""
+    verdict = f"DOES NOT FIT: {at_least}{gib(report['peak_bytes_per_chip'])} per chip, " \
               f"{gib(report['peak_bytes_per_chip'] - hbm)} over the {gib(hbm)} of HBM"
+    if report["refused_by_compiler"]:
+      verdict += " (the TPU compiler refused the program)"
   p = report["parameters"]
   return "\n".join([
       f"stage {report['stage']} on {report['topology']} ({report['num_chips']} x "
@@ -240,6 +313,17 @@ def summary(report: dict) -> str:
       f"{p['teacher']:,}",
       f"  step: {report['tokens_per_step']:,} tokens (batch {report['batch_size']} x "
       f"{report['max_length']}, {report['grad_accum_steps']} micro-batches), "
-      f"{report['flops_per_chip']:.3g} FLOPs per chip (XLA's count); compiled in "
+      f"{report['flops_per_chip']:.3g} model FLOPs per chip; compiled in "
       f"{report['compile_seconds']:.1f} s",
-  ])
+  ] + _attention_line(report))
+
+
+def _attention_line(report: dict) -> list[str]:
+  a = report.get("attention", {})
+  impls = ", ".join(f"{role} {a[role]}" for role in ("student", "teacher") if role in a)
+  if "saved_bytes_per_chip" not in a:
+    return [f"  attention: {impls}"] if impls else []
+  at_least = "at least " if a["xla_refused_by_compiler"] else ""
+  return [f"  attention: {impls}; with xla (the einsum) the peak would be {at_least}"
+          f"{a['xla_peak_bytes_per_chip'] / GiB:.2f} GiB per chip: these kernels save "
+          f"{at_least}{a['saved_bytes_per_chip'] / GiB:.2f} GiB"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import jax
+from flax import traverse_util
 
 from llavamod_jax import evaluation, fileutil, workdir as workdir_lib
 from llavamod_jax.models.configs import LlavaConfig
@@ -22,12 +23,10 @@ def activated_parameters(model, params) -> int:
   text = model.cfg.text if isinstance(model.cfg, LlavaConfig) else model.cfg
   if not text.num_experts:
     return total
-  lm = params["language_model"] if isinstance(model.cfg, LlavaConfig) else params
-  idle = 0
-  for i in text.moe_layers:
-    experts = sum(x.size for x in jax.tree.leaves(lm[f"layers_{i}"]["mlp"]["experts"]))
-    idle += experts * (text.num_experts - text.num_experts_per_tok) // text.num_experts
-  return total - idle
+  # Every MoE layer has the same experts, in either parameter layout (models/scan.py).
+  experts = sum(x.size for path, x in traverse_util.flatten_dict(params, sep="/").items()
+                if "/mlp/experts/" in path)
+  return total - experts * (text.num_experts - text.num_experts_per_tok) // text.num_experts
 
 
 def _quality(model, params, tokenizer, info, records, batch_size: int) -> dict:

@@ -56,15 +56,14 @@ def init_state(params, patterns, tx: optax.GradientTransformation, seed: int = 0
 
 
 def _moe_metrics(moe_state) -> dict[str, jax.Array]:
-  layers = moe.per_layer(moe_state)
-  if not layers:
+  s = moe.stats(moe_state)  # [moe layers, ...] in either parameter layout
+  if not s:
     return {}
-  load = [m["tokens_per_expert"] / jnp.maximum(jnp.sum(m["tokens_per_expert"]), 1) for m in
-          layers.values()]
+  load = s["tokens_per_expert"] / jnp.maximum(jnp.sum(s["tokens_per_expert"], -1, keepdims=True), 1)
   return {
-      "moe/max_expert_load": jnp.mean(jnp.stack([jnp.max(x) for x in load])),
-      "moe/fraction_dropped": jnp.mean(jnp.stack([m["fraction_dropped"] for m in layers.values()])),
-      "moe/router_entropy": jnp.mean(jnp.stack([m["router_entropy"] for m in layers.values()])),
+      "moe/max_expert_load": jnp.mean(jnp.max(load, -1)),
+      "moe/fraction_dropped": jnp.mean(s["fraction_dropped"]),
+      "moe/router_entropy": jnp.mean(s["router_entropy"]),
   }
 
 

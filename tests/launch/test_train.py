@@ -250,3 +250,24 @@ def test_periodic_evaluation_logs_the_held_out_kl(demo, tmp_path):
   batches = evaluation.kl_batches(tokenizer, info, tinfo, records, batch_size=4, max_length=96)
   want = evaluation.kl_to_teacher(student, sparams, teacher, tparams, batches)["kl"]
   assert last["eval/kl"] == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_scanned_layers_log_the_unrolled_losses(demo, tmp_path):
+  """scan_layers on for the student and the teacher (upcycled MoE in every other layer, trainable
+  FFN patterns, checkpoints): the same run as the fixture's unrolled one, the same losses."""
+  from llavamod_jax import checkpoint
+  from llavamod_jax.models import scan
+  from llavamod_jax.train import loop
+
+  root, _ = demo
+  cfg = _tiny_mimic_config(root)
+  cfg.total_steps, cfg.log_every = 8, 1  # as TINY
+  cfg.student.scan_layers = cfg.teacher.scan_layers = True
+  work = tmp_path / "scanned"
+  loop.run(cfg, work)
+  model, params = checkpoint.restore_model(work / "checkpoints")
+  assert model.cfg.text.scan_layers and scan.is_scanned(params["language_model"])
+  for a, b in zip(_metrics(root / "mimic"), _metrics(work)):
+    for key in ("loss", "kl", "ce", "aux", "grad_norm", "moe/max_expert_load"):
+      assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)

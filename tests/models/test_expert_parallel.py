@@ -61,6 +61,32 @@ SCRIPT = textwrap.dedent(r'''
     # Two experts per device, top-1; the experts' fsdp and tensor shards are gathered inside.
     block_case("ragged_top1_fsdp2_expert2_tensor2", (1, 2, 2, 2), (2, 8), moe_impl="ragged",
                num_experts_per_tok=1)
+    # A scanned LM (MoE in every other layer): the all-to-all runs inside the scan body, and the
+    # sharded scanned model equals the unrolled one on one device.
+    from llavamod_jax import models, moe
+    from llavamod_jax.models import scan
+    lm_cfg = block_cfg(num_layers=4, moe_layers=(0, 2), moe_impl="ragged")
+    lm = models.build(lm_cfg)
+    lm_params = models.init_params(lm, 0)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 32, (4, 6)))
+
+    def lm_loss(m):
+      def fn(p):
+        o, st = m.apply({"params": p}, ids, mutable=["moe"], train=True)
+        return jnp.mean(o.logits ** 2) + moe.aux_losses(st["moe"])["load_balancing_loss"]
+      return jax.jit(jax.value_and_grad(fn))
+    l1, g1 = lm_loss(lm)(lm_params)
+    slm = models.build(lm_cfg.replace(scan_layers=True))
+    mesh = mesh_of((2, 1, 4, 1))
+    sp = jax.tree.map(jax.device_put, scan.relayout(lm_params, slm.cfg),
+                      sharding.param_shardings(models.abstract_params(slm), mesh))
+    with jax.set_mesh(mesh):
+      l, g = lm_loss(slm)(sp)
+      hlo = lm_loss(slm).lower(sp).as_text()
+    out["lm_scanned_expert4"] = {"loss": rel(l, l1), "out": 0.0, "aux": 0.0,
+                                 "grads": worst(scan.relayout(g, lm_cfg), g1),
+                                 "all_to_all": "all_to_all" in hlo}
+
     # Traced only: GSPMD on request (no all-to-all), and errors a user can act on.
     x = jax.ShapeDtypeStruct((2, 8, 16), jnp.float32)
     traced = {}

@@ -96,16 +96,26 @@ def test_remat_policies_keep_the_gradients_and_save_less(pair, capsys):
     return lambda p: jnp.mean(m.apply({"params": p}, ids).logits ** 2)
 
   want = jax.grad(loss(model))(params)
-  saved = {}
-  for policy in ("none", "full", "save_dots_no_batch", "save_dots"):
-    m = model if policy == "none" else models.build(model.cfg.replace(remat=True,
-                                                                      remat_policy=policy))
+  saved, named = {}, {}
+  for policy in ("off", "none", "full", "save_qkv_proj", "save_out_proj", "save_dot_except_mlp",
+                 "save_dots_no_batch", "save_dots"):
+    m = model if policy == "off" else models.build(model.cfg.replace(remat=True,
+                                                                     remat_policy=policy))
     for a, b in zip(jax.tree.leaves(jax.grad(loss(m))(params)), jax.tree.leaves(want)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     capsys.readouterr()
     print_saved_residuals(loss(m), params)
-    saved[policy] = len(capsys.readouterr().out.splitlines())
-  assert saved["full"] < saved["save_dots_no_batch"] < saved["save_dots"] < saved["none"], saved
+    lines = capsys.readouterr().out.splitlines()
+    saved[policy] = len(lines)
+    named[policy] = sorted(l.split("named '")[1].split("'")[0] for l in lines if "named '" in l)
+  assert saved["full"] < saved["save_dots_no_batch"] < saved["save_dots"] < saved["off"], saved
+  assert saved["none"] == saved["off"]  # remat_policy none: no remat
+  # The named projections each policy keeps, in every layer; the FFN's are never among them.
+  layers = model.cfg.num_layers
+  assert named["full"] == named["save_dots"] == named["off"] == []
+  assert named["save_qkv_proj"] == sorted(["k_proj", "q_proj", "v_proj"] * layers)
+  assert named["save_out_proj"] == ["o_proj"] * layers
+  assert named["save_dot_except_mlp"] == sorted(["k_proj", "o_proj", "q_proj", "v_proj"] * layers)
   with pytest.raises(ValueError, match="remat_policy 'everything': expected one of"):
     bad = models.build(model.cfg.replace(remat=True, remat_policy="everything"))
     bad.init(jax.random.key(0), ids)

@@ -55,3 +55,34 @@ def test_paper_recipes_compute_in_bf16_with_fp32_student_parameters(path, arg):
   assert (c.student.dtype, c.student.param_dtype) == ("bfloat16", "float32")
   assert (c.teacher.dtype, c.teacher.param_dtype) == ("bfloat16", "bfloat16")
   assert c.data.max_length == 2048 and c.loss.chunk_size == 512
+  assert c.student.scan_layers and c.teacher.scan_layers and c.student.remat
+
+
+@pytest.mark.parametrize("path,arg,per_device,accum", [
+    ("adaptor", "paper", 8, 2), ("mimic", "d2s_paper", 1, 8), ("preference", "paper", 1, 8)])
+def test_paper_recipes_keep_the_original_per_device_batch_on_every_slice(path, arg, per_device,
+                                                                         accum):
+  """The original sets a per-device batch on every GPU: the global batch grows with the slice and
+  each micro-batch holds whole rows on each chip (a global batch would not split over some)."""
+  import importlib.util
+  import types
+  from pathlib import Path
+
+  spec = importlib.util.spec_from_file_location(
+      f"{path}_config", Path(__file__).resolve().parents[2] / "configs" / f"{path}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for chips in (4, 8, 16, 32):
+    c = module.get_config(arg)
+    assert (c.data.per_device_batch_size, c.optimizer.grad_accum_steps) == (per_device, accum)
+    mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": chips, "expert": 1, "tensor": 1})
+    assert config_lib.resolve_batch(c, mesh) == per_device * chips * accum
+    assert c.data.batch_size // accum == per_device * chips  # rows per micro-batch
+  c = module.get_config(arg)
+  c.data.per_device_batch_size, c.data.batch_size = 0, 4 * accum  # a global batch of 4 rows
+  with pytest.raises(ValueError, match="4 rows per micro-batch do not split over the 8 devices"):
+    config_lib.resolve_batch(c, types.SimpleNamespace(shape={"data": 2, "fsdp": 4}))
+  c = module.get_config(arg)
+  c.data.batch_size = 16
+  with pytest.raises(ValueError, match="set exactly one of them"):
+    config_lib.validate(c)

@@ -129,7 +129,7 @@ def _launch(args, cwd):
 def _flags(root):
   return [f"--config={REPO / 'configs/mimic.py'}:d2s_paper", f"--config.teacher.hf_dir={root / 'teacher'}",
           "--config.student.init=hf", f"--config.student.hf_dir={root / 'student'}",
-          "--config.data.max_length=64", "--config.data.batch_size=2",
+          "--config.data.max_length=64",  # per-device batch 1 x 1 device x 2 micro-batches
           "--config.optimizer.grad_accum_steps=2", "--config.loss.chunk_size=32"]
 
 
@@ -161,12 +161,23 @@ def test_plans_for_a_tpu_slice_without_a_tpu(tmp_path):
   _config_dirs(tmp_path)
   c = _mimic(tmp_path)
   c.student.dtype = c.teacher.dtype = "bfloat16"
-  c.data.batch_size = 8  # whole rows on each of the 8 chips
+  c.data.batch_size, c.data.per_device_batch_size = 0, 1  # one row on each of the 8 chips
   report = plan.plan(c, "v5e-8")
+  assert report["batch_size"] == 8 and report["tokens_per_step"] == 8 * 64
   assert report["num_chips"] == 8 and report["device_kind"] == "TPU v5 lite"
   assert report["hbm_bytes_per_chip"] == 16 * 2**30 and report["fits"]
   assert report["peak_bytes_per_chip"] > report["bytes_per_chip"]["arguments"] > 0
-  c.data.batch_size = 4
+  assert report["attention"] == {"student": "splash", "teacher": "splash"}  # auto on TPU
+
+  # The splash kernel against the einsum at 512 tokens: the [q, k] scores it never holds.
+  c.data.max_length = 512
+  compared = plan.plan(c, "v5e-8", compare_attention=True)
+  a = compared["attention"]
+  assert a["saved_bytes_per_chip"] == a["xla_peak_bytes_per_chip"] - compared["peak_bytes_per_chip"]
+  assert a["saved_bytes_per_chip"] > 0
+  assert "these kernels save" in plan.summary(compared)
+
+  c.data.batch_size, c.data.per_device_batch_size = 4, 0
   with pytest.raises(plan.PlanError, match="4 rows per micro-batch do not split over the 8"):
     plan.plan(c, "v5e-8")
 
@@ -175,3 +186,11 @@ def test_unknown_slice_is_named():
   with pytest.raises(plan.PlanError, match="v5p-8"):
     plan.devices_of("v5p-9")
   assert np.all([s.hbm_bytes > 0 for s in plan.SLICES.values()])
+
+
+def test_a_program_the_tpu_compiler_refuses_is_a_plan_that_does_not_fit():
+  """libtpu refuses to compile when temporaries exceed HBM; the size in its message is the plan's."""
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+         "temporaries (17.68G) exceeds available HBM (15.75G).")
+  assert plan._refused_temporaries(msg) == int(17.68 * 2**30)
+  assert plan._refused_temporaries("RESOURCE_EXHAUSTED: something else") is None
