@@ -153,6 +153,8 @@ def main(argv=None):
   ap.add_argument("--student", default="0.5b", choices=("0.5b", "1.5b"))
   ap.add_argument("--models_dir", default="/tmp/llavamod_scale")
   ap.add_argument("--timeout", type=int, default=900, help="seconds per plan")
+  ap.add_argument("--keep_rows", action="store_true",
+                  help="keep the earlier run's rows (rows.json) for the stages x slices not planned now")
   ap.add_argument("--compare_attention", action="store_true",
                   help="plan each row twice (configured attention, then xla) and write the "
                        "attention table instead")
@@ -169,13 +171,23 @@ def main(argv=None):
       print(f"{stage} {slice_}: " + (r["error"] if "error" in r else
             f"{r['peak_bytes_per_chip'] / GiB:.1f} GiB, fits={r['fits']}, "
             f"compile {r['compile_seconds']:.0f} s"), flush=True)
+  saved = root / ("attention_rows.json" if args.compare_attention else "rows.json")
+  rows = merged(saved, rows) if args.keep_rows else rows
+  saved.write_text(json.dumps(rows, indent=1))
   if args.compare_attention:
-    (root / "attention_rows.json").write_text(json.dumps(rows, indent=1))
     write_table(Path(args.out), f"{args.student} attention", attention_table(rows))
   else:
-    (root / "rows.json").write_text(json.dumps(rows, indent=1))
     write_table(Path(args.out), args.student, table(rows, args.student))
   print(f"wrote {args.out}")
+
+
+def merged(saved: Path, rows: list[dict]) -> list[dict]:
+  """The rows of an earlier run (`saved`) with those planned now replacing theirs, in table order."""
+  keep = {(r["stage"], r["slice"]): r for r in json.loads(saved.read_text())} if saved.exists() else {}
+  keep.update({(r["stage"], r["slice"]): r for r in rows})
+  order = {**{s: i for i, s in enumerate(STAGES)}, **{s: i for i, s in enumerate(SLICES)}}
+  return sorted(keep.values(), key=lambda r: (order.get(r["stage"], 99), order.get(r["slice"], 99),
+                                              r["slice"]))
 
 
 def write_table(path: Path, student: str, text: str) -> None:

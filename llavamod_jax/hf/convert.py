@@ -251,7 +251,7 @@ def save(model, params, out_dir: str | os.PathLike, *, dtype: str | None = None,
   out_dir = Path(out_dir)
   if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
     raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
-  model, params = scan.unrolled(model, nn.unbox(params), host=True)  # HF names every layer
+  model, params = scan.unrolled(model, nn.unbox(params), host=sharding.to_host)  # HF names every layer
   cfg = model.cfg
   lay = families.layout(cfg)
   rules = _rules(lay)

@@ -66,9 +66,10 @@ def stack(tree: dict, num_layers: int, p: int) -> dict:
   return {**rest, SCANNED: group}
 
 
-def unstack(tree: dict, *, host: bool = False) -> dict:
-  """Inverse of `stack`. host=True: read each stacked leaf to numpy once and return views of it
-  (what an exporter wants: no second copy on the device)."""
+def unstack(tree: dict, *, host: Callable | None = None) -> dict:
+  """Inverse of `stack`. host: a function that reads an array to numpy (`sharding.to_host`); each
+  stacked leaf is then read once and its layers are views of it (what an exporter wants: no second
+  copy on the device)."""
   if not is_scanned(tree):
     return tree
   group = tree[SCANNED]
@@ -76,9 +77,8 @@ def unstack(tree: dict, *, host: bool = False) -> dict:
   out = {k: v for k, v in tree.items() if k != SCANNED}
   for key, member in group.items():
     j = int(_MEMBER_KEY.match(key).group(1))
-    if host:
-      from llavamod_jax import sharding  # only the exporter asks for host arrays
-      member = jax.tree.map(sharding.to_host, member)
+    if host is not None:
+      member = jax.tree.map(host, member)
     groups = jax.tree.leaves(member)[0].shape[0]
     for g in range(groups):
       out[f"layers_{g * p + j}"] = jax.tree.map(lambda x, g=g: x[g], member)
@@ -146,12 +146,10 @@ def unrolled_config(cfg):
   return cfg.replace(scan_layers=False)
 
 
-def unrolled(model, params, *, host: bool = False):
-  """(module, params) in the unrolled layout (HF export, upcycling)."""
-  from llavamod_jax import models
-
+def unrolled(model, params, *, host: Callable | None = None):
+  """(module, params) in the unrolled layout (HF export, upcycling); `host` as in `unstack`."""
   params = _each(params, model.cfg, lambda tree, sub, p: unstack(tree, host=host))
-  return models.build(unrolled_config(model.cfg)), params
+  return model.clone(cfg=unrolled_config(model.cfg), parent=None), params
 
 
 _STACKED = re.compile(rf"(^|/){SCANNED}/layer_(\d+)/")

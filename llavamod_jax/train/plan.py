@@ -141,6 +141,7 @@ def plan(cfg, topology: str = "local", *, hbm_bytes: int | None = None, tokenize
   `compare_attention`: compile the step a second time with attention='xla' (the einsum that holds
   the [q, k] scores) for teacher and student, and report under "attention" what the configured
   kernels save in temporaries per chip."""
+  cfg = copy.deepcopy(cfg)  # resolve_batch sets the global batch: the caller's config stays as given
   xla_cfg = None
   if compare_attention:
     xla_cfg = copy.deepcopy(cfg)
@@ -280,7 +281,7 @@ def step_flops(cfg, kind: str, student, teacher, patterns) -> float:
 
 def _shard_bytes(x) -> int:
   shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
-  return math.prod(shape) * jnp.dtype(x.dtype).itemsize
+  return math.prod(shape) * x.dtype.itemsize  # PRNG key dtypes too (the state's rng)
 
 
 def _count(tree) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import flax.struct
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -181,11 +182,18 @@ def loss_fn(kind: str, student, teacher, cfg: LossConfig) -> Callable:
 
 
 def _micro_batches(batch, n: int):
-  """Split every array's leading axis into [n, size / n, ...]."""
+  """Split every array's leading axis into [n, size / n, ...], micro-batch i = rows [i*size/n, ...).
+
+  The rows of each micro-batch are resharded over the batch's mesh axes (`activation_batch`): as the
+  batch arrives, each device holds a contiguous block of rows, which after the split lies on the
+  micro-batch axis, so every device would compute every row of a micro-batch (measured on v5e-8 for
+  the adaptor stage at 2,048 tokens: 17 GiB of temporaries per chip instead of 5). The reshard moves
+  the input rows once per step; a no-op outside a mesh and rules context."""
   def split(x):
     if x.shape[0] % n:
       raise ValueError(f"batch dimension {x.shape[0]} is not divisible by grad_accum_steps={n}")
-    return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+    x = x.reshape(n, x.shape[0] // n, *x.shape[1:])
+    return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
   return jax.tree.map(split, batch)
 
 

@@ -194,3 +194,6 @@ def test_a_program_the_tpu_compiler_refuses_is_a_plan_that_does_not_fit():
          "temporaries (17.68G) exceeds available HBM (15.75G).")
   assert plan._refused_temporaries(msg) == int(17.68 * 2**30)
   assert plan._refused_temporaries("RESOURCE_EXHAUSTED: something else") is None
+  # The refused plan counts its arguments from their shardings, the state's PRNG key included.
+  assert plan._shard_bytes(jax.eval_shape(lambda: jax.random.key(0))) == 8
+  assert plan._shard_bytes(jax.ShapeDtypeStruct((3, 5), np.float32)) == 60
