@@ -92,7 +92,7 @@ def plan_one(root: Path, stage: str, slice_: str, timeout: int, compare: bool = 
   except subprocess.TimeoutExpired:
     return {"stage": stage, "slice": slice_, "error": f"no plan within {timeout} s"}
   if out.exists() and p.returncode in (0, 1):
-    return {"stage": stage, "slice": slice_, **json.loads(out.read_text()),
+    return {**json.loads(out.read_text()), "stage": stage, "slice": slice_,  # d2d, not "mimic"
             "wall_seconds": round(time.time() - t0, 1)}
   lines = [l for l in p.stderr.splitlines() if l.strip() and "WARNING" not in l]
   return {"stage": stage, "slice": slice_, "error": lines[-1] if lines else f"exit {p.returncode}"}

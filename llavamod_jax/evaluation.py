@@ -26,27 +26,46 @@ Scoring (pure functions, below):
 Generation is greedy by default and batched: prompts are left-padded to a multiple of
 `length_multiple` and the last batch is filled up with copies of its last row, so a whole evaluation
 compiles once per prompt-length bucket.
+
+Benchmarks (`llavamod_jax.benchmarks`; launch/evaluate.py --benchmark): each `benchmarks.Question` is
+asked as a one-question record (`benchmark_record`: "<image>\n" + its prompt, through the run's
+template), and `answer_questions` answers them all:
+
+    answers, skipped, stats = evaluation.answer_questions(model, params, tokenizer, info, questions,
+                                                          batch_size=8, model_id="student")
+    # answers: a benchmarks.Answer per question (None: skipped); skipped: {reason: [question ids]};
+    # stats: GenerationStats (seconds in tokenisation, image decoding, generation)
+
+The prompts are sorted by (max_new_tokens, images, length) before batching, so each batch pads to a
+length bucket shared with its neighbours and generation compiles once per bucket, however the
+questions are ordered. Images are decoded and preprocessed on worker threads a few batches ahead of
+generation. A question whose image is missing or cannot be decoded, or whose prompt the template
+cannot encode, is skipped (missing_image | unreadable_image | unencodable_prompt) and the rest go on.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
+import logging
 import os
 import re
 import string
+import time
 from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llavamod_jax import fileutil
+from llavamod_jax import benchmarks, fileutil
 from llavamod_jax import generate as generate_lib
 from llavamod_jax import losses, models
 from llavamod_jax.data import image, pipeline, sources, templates
 
+log = logging.getLogger(__name__)
 POPE = "pope"
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -260,6 +279,23 @@ def _pixels(record: EvalRecord, info) -> list[np.ndarray]:
           for src in record.images]
 
 
+def _generate_batch(model, params, info, prompts: Sequence[np.ndarray],
+                    pixels: Sequence[Sequence[np.ndarray]], *, rows: int, length_multiple: int,
+                    max_new_tokens: int, eos: Sequence[int], temperature: float = 0.0,
+                    top_p: float = 1.0, rng=None) -> list[list[int]]:
+  """The tokens generated for each prompt of one batch (`pixels`: each prompt's images); the batch
+  is filled up to `rows` with copies of its last prompt, so its shape depends on `rows` only."""
+  ids, mask = left_pad(prompts, info.pad_token_id, rows=rows, length_multiple=length_multiple)
+  per_row = list(pixels) + [pixels[-1]] * (rows - len(prompts))
+  flat = [px for row in per_row for px in row]  # the batch's images in row order
+  out = generate_lib.generate(
+      model, params, ids, mask, np.stack(flat) if flat else None, max_new_tokens=max_new_tokens,
+      temperature=temperature, top_p=top_p, eos_token_id=eos, pad_token_id=info.pad_token_id,
+      rng=rng)
+  tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+  return [tokens[i, :lengths[i]].tolist() for i in range(len(prompts))]
+
+
 def generate_answers(model, params, tokenizer, info, records: Sequence[EvalRecord], *,
                      batch_size: int = 8, max_new_tokens: int = 32, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int = 0, length_multiple: int = 16,
@@ -275,18 +311,11 @@ def generate_answers(model, params, tokenizer, info, records: Sequence[EvalRecor
     batch = list(records[start:start + batch_size])
     prompts = [encoder.encode_prompt(r.prompt, image_token_id=info.image_token_id,
                                      num_image_tokens=info.num_image_tokens) for r in batch]
-    ids, mask = left_pad(prompts, info.pad_token_id, rows=batch_size,
-                         length_multiple=length_multiple)
-    per_row = [_pixels(r, info) for r in batch]
-    per_row += [per_row[-1]] * (batch_size - len(batch))  # filler rows repeat the last record
-    pixels = [px for row in per_row for px in row]  # the batch's images in row order
-    out = generate_lib.generate(
-        model, params, ids, mask, np.stack(pixels) if pixels else None,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_token_id=eos,
-        pad_token_id=info.pad_token_id, rng=jax.random.PRNGKey(seed + start))
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    answers += [tokenizer.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True).strip()
-                for i in range(len(batch))]
+    tokens = _generate_batch(
+        model, params, info, prompts, [_pixels(r, info) for r in batch], rows=batch_size,
+        length_multiple=length_multiple, max_new_tokens=max_new_tokens, eos=eos,
+        temperature=temperature, top_p=top_p, rng=jax.random.PRNGKey(seed + start))
+    answers += [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
     if progress is not None:
       progress(len(answers), len(records))
   return answers
@@ -300,6 +329,165 @@ def evaluate(model, params, tokenizer, info, records: Sequence[EvalRecord], *, b
   predictions = [{"id": r.id, "task": r.task, "prediction": a, "answer": r.answer}
                  for r, a in zip(records, answers)]
   return score(records, answers, pope_rule), predictions
+
+
+# ---------------------------------------------------------------------------------------------------
+# Benchmarks: questions answered in length buckets, images decoded ahead of generation.
+
+
+def benchmark_record(question: benchmarks.Question) -> EvalRecord:
+  """A benchmark question as a one-question record: "<image>\\n" + its prompt, as LLaVA asks it."""
+  images = () if question.image is None else (question.image,)
+  record = question_record(question.prompt, images, record_id=str(question.question_id))
+  return dataclasses.replace(record, task="benchmark", category=question.category)
+
+
+def length_batches(keys: Sequence[tuple], batch_size: int) -> list[list[int]]:
+  """Indices of `keys` (e.g. (max_new_tokens, images, prompt length)) in batches of at most
+  `batch_size`, sorted by key; a batch never mixes the first two fields of its keys."""
+  order = sorted(range(len(keys)), key=lambda i: (keys[i], i))
+  batches: list[list[int]] = []
+  for i in order:
+    last = batches[-1] if batches else None
+    if last and len(last) < batch_size and keys[last[0]][:2] == keys[i][:2]:
+      last.append(i)
+    else:
+      batches.append([i])
+  return batches
+
+
+@dataclasses.dataclass
+class GenerationStats:
+  """Where `answer_records`' time went, in seconds. Images are decoded on worker threads while the
+  model generates: `image_s` sums the workers' time, `image_wait_s` is what generation waited."""
+  questions: int = 0  # answered
+  tokens: int = 0  # generated, EOS included
+  batches: int = 0
+  shapes: int = 0  # distinct batch shapes: generation compiles once for each
+  tokenize_s: float = 0.0
+  image_s: float = 0.0
+  image_wait_s: float = 0.0
+  generate_s: float = 0.0
+  total_s: float = 0.0
+
+  def to_json(self) -> dict[str, float]:
+    total = max(self.total_s, 1e-9)
+    return {**dataclasses.asdict(self), "questions_per_second": self.questions / total,
+            "generate_share": self.generate_s / total,
+            "preprocess_share": (self.tokenize_s + self.image_wait_s) / total}
+
+
+_IMAGE_SKIPS = {"missing": "missing_image", "corrupt": "unreadable_image"}  # ImageError.reason
+
+
+def _timed_pixels(record: EvalRecord, info):
+  """(pixels or None, skip reason or None, seconds, message). Never raises: one bad image must not
+  stop an evaluation, and PIL meets bad data with many kinds of errors."""
+  start = time.perf_counter()
+  try:
+    pixels, reason, message = _pixels(record, info), None, ""
+  except image.ImageError as e:
+    pixels, reason, message = None, _IMAGE_SKIPS.get(e.reason, "unreadable_image"), str(e)
+  except Exception as e:  # decodable, but not as an RGB image
+    pixels, reason, message = None, "unreadable_image", f"{record.id}: {type(e).__name__}: {e}"
+  return pixels, reason, time.perf_counter() - start, message
+
+
+def _decode_ahead(records, info, batches: list[list[int]], workers: int, prefetch: int):
+  """Yields (batch, its images as `_timed_pixels` returns them, seconds waited for them) batch by
+  batch, while `workers` threads decode the images of the next `prefetch` batches."""
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pending, submitted = {}, 0
+    for b, batch in enumerate(batches):
+      while submitted < min(b + 1 + prefetch, len(batches)):
+        pending[submitted] = [pool.submit(_timed_pixels, records[i], info)
+                              for i in batches[submitted]]
+        submitted += 1
+      start = time.perf_counter()
+      decoded = [f.result() for f in pending.pop(b)]
+      yield batch, decoded, time.perf_counter() - start
+
+
+def answer_records(model, params, tokenizer, info, records: Sequence[EvalRecord], *,
+                   max_new_tokens: int | Sequence[int], batch_size: int = 8,
+                   length_multiple: int = 16, workers: int = 4, prefetch: int | None = None,
+                   progress=None):
+  """Greedy answers to `records` (module docstring: length buckets, images ahead, skips) ->
+  (answers {record index: text}, skipped {record index: reason}, GenerationStats).
+  max_new_tokens: one for all, or one per record. prefetch: batches whose images are decoded ahead
+  (default: enough to keep `workers` busy). `progress(done, total)` runs after each batch."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  workers = max(1, workers)
+  prefetch = max(1, -(-2 * workers // batch_size)) if prefetch is None else prefetch
+  start = time.perf_counter()
+  stats = GenerationStats()
+  limits = ([max_new_tokens] * len(records) if isinstance(max_new_tokens, int)
+            else list(max_new_tokens))
+  encoder = templates.Encoder(tokenizer, info.template)
+  eos = stop_ids(tokenizer, info)
+  prompts, skipped, keys = {}, {}, {}
+  for i, r in enumerate(records):
+    try:
+      prompts[i] = encoder.encode_prompt(r.prompt, image_token_id=info.image_token_id,
+                                         num_image_tokens=info.num_image_tokens)
+      keys[i] = (limits[i], len(r.images), len(prompts[i]))
+    except templates.TemplateError as e:
+      skipped[i] = "unencodable_prompt"
+      log.warning("skipping %s: %s", r.id, e)
+  stats.tokenize_s = time.perf_counter() - start
+  todo = list(keys)
+  batches = [[todo[j] for j in b] for b in length_batches([keys[i] for i in todo], batch_size)]
+
+  answers: dict[int, str] = {}
+  shapes, warned = set(), set()
+  for batch, decoded, waited in _decode_ahead(records, info, batches, workers, prefetch):
+    stats.image_wait_s += waited
+    ready = []
+    for i, (pixels, reason, seconds, message) in zip(batch, decoded):
+      stats.image_s += seconds
+      if reason is None:
+        ready.append((i, pixels))
+        continue
+      skipped[i] = reason
+      if reason not in warned:  # the first of each kind; the caller counts them all
+        warned.add(reason)
+        log.warning("skipping %s (%s): %s", records[i].id, reason, message)
+    if ready:
+      t = time.perf_counter()
+      tokens = _generate_batch(
+          model, params, info, [prompts[i] for i, _ in ready], [px for _, px in ready],
+          rows=batch_size, length_multiple=length_multiple, max_new_tokens=limits[batch[0]],
+          eos=eos)
+      stats.generate_s += time.perf_counter() - t
+      stats.tokens += sum(len(tok) for tok in tokens)
+      stats.batches += 1
+      answers.update({i: tokenizer.decode(tok, skip_special_tokens=True).strip()
+                      for (i, _), tok in zip(ready, tokens)})
+      longest = max(len(prompts[i]) for i, _ in ready)
+      shapes.add((keys[batch[0]][:2], -(-longest // length_multiple)))
+    if progress is not None:
+      progress(len(answers) + len(skipped), len(records))
+  stats.questions, stats.shapes = len(answers), len(shapes)
+  stats.total_s = time.perf_counter() - start
+  return answers, skipped, stats
+
+
+def answer_questions(model, params, tokenizer, info, questions: Sequence[benchmarks.Question], *,
+                     max_new_tokens: int | None = None, model_id: str = "", **kwargs):
+  """LLaVA answer records of `benchmarks.Question`s -> (one benchmarks.Answer per question, None
+  where it was skipped; skipped {reason: [question ids]}; GenerationStats). max_new_tokens: None ->
+  each question's own; other keyword arguments go to `answer_records`."""
+  records = [benchmark_record(q) for q in questions]
+  limits = [q.max_new_tokens for q in questions] if max_new_tokens is None else max_new_tokens
+  texts, skipped, stats = answer_records(model, params, tokenizer, info, records,
+                                         max_new_tokens=limits, **kwargs)
+  answers = [benchmarks.answer_for(q, texts[i], model_id) if i in texts else None
+             for i, q in enumerate(questions)]
+  by_reason: dict[str, list] = {}
+  for i in sorted(skipped):
+    by_reason.setdefault(skipped[i], []).append(questions[i].question_id)
+  return answers, by_reason, stats
 
 
 # ---------------------------------------------------------------------------------------------------
