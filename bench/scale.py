@@ -79,23 +79,26 @@ def write_models(root: Path, student: str) -> None:
   text(student).save_pretrained(root / "llm")
 
 
-def plan_one(root: Path, stage: str, slice_: str, timeout: int, compare: bool = False) -> dict:
+def plan_one(root: Path, stage: str, slice_: str, timeout: int, compare: bool = False,
+             extra: tuple[str, ...] = ()) -> dict:
   config, flags = STAGES[stage]
-  out = root / f"{stage}_{slice_}{'_attention' if compare else ''}.json"
+  label = f"{stage} ({' '.join(extra)})" if extra else stage
+  tag = "".join(c if c.isalnum() else "_" for c in " ".join(extra))
+  out = root / f"{stage}_{slice_}{'_attention' if compare else ''}{'_' + tag if tag else ''}.json"
   cmd = [sys.executable, str(REPO / "launch" / "plan.py"), f"--config={REPO / config}",
          f"--topology={slice_}", "--config.mesh.data=1", "--config.mesh.fsdp=-1", *flags(root),
-         f"--out={out}", *(["--compare_attention"] if compare else [])]
+         *extra, f"--out={out}", *(["--compare_attention"] if compare else [])]
   env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1", "TRANSFORMERS_VERBOSITY": "error"}
   t0 = time.time()
   try:
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
-    return {"stage": stage, "slice": slice_, "error": f"no plan within {timeout} s"}
+    return {"stage": label, "slice": slice_, "error": f"no plan within {timeout} s"}
   if out.exists() and p.returncode in (0, 1):
-    return {**json.loads(out.read_text()), "stage": stage, "slice": slice_,  # d2d, not "mimic"
+    return {**json.loads(out.read_text()), "stage": label, "slice": slice_,  # d2d, not "mimic"
             "wall_seconds": round(time.time() - t0, 1)}
   lines = [l for l in p.stderr.splitlines() if l.strip() and "WARNING" not in l]
-  return {"stage": stage, "slice": slice_, "error": lines[-1] if lines else f"exit {p.returncode}"}
+  return {"stage": label, "slice": slice_, "error": lines[-1] if lines else f"exit {p.returncode}"}
 
 
 def _smallest(rows: list[dict], stage: str) -> str:
@@ -153,6 +156,9 @@ def main(argv=None):
   ap.add_argument("--student", default="0.5b", choices=("0.5b", "1.5b"))
   ap.add_argument("--models_dir", default="/tmp/llavamod_scale")
   ap.add_argument("--timeout", type=int, default=900, help="seconds per plan")
+  ap.add_argument("--flag", action="append", default=[],
+                  help="a config override for every plan of this run (repeatable), e.g. "
+                       "--flag=--config.loss.chunk_size=128; its rows are labelled with it")
   ap.add_argument("--keep_rows", action="store_true",
                   help="keep the earlier run's rows (rows.json) for the stages x slices not planned now")
   ap.add_argument("--compare_attention", action="store_true",
@@ -166,7 +172,8 @@ def main(argv=None):
   rows = []
   for stage in args.stages.split(","):
     for slice_ in args.slices.split(","):
-      rows.append(plan_one(root, stage, slice_, args.timeout, args.compare_attention))
+      rows.append(plan_one(root, stage, slice_, args.timeout, args.compare_attention,
+                           tuple(args.flag)))
       r = rows[-1]
       print(f"{stage} {slice_}: " + (r["error"] if "error" in r else
             f"{r['peak_bytes_per_chip'] / GiB:.1f} GiB, fits={r['fits']}, "
@@ -186,8 +193,8 @@ def merged(saved: Path, rows: list[dict]) -> list[dict]:
   keep = {(r["stage"], r["slice"]): r for r in json.loads(saved.read_text())} if saved.exists() else {}
   keep.update({(r["stage"], r["slice"]): r for r in rows})
   order = {**{s: i for i, s in enumerate(STAGES)}, **{s: i for i, s in enumerate(SLICES)}}
-  return sorted(keep.values(), key=lambda r: (order.get(r["stage"], 99), order.get(r["slice"], 99),
-                                              r["slice"]))
+  return sorted(keep.values(), key=lambda r: (order.get(r["stage"].split()[0], 99), r["stage"],
+                                              order.get(r["slice"], 99), r["slice"]))
 
 
 def write_table(path: Path, student: str, text: str) -> None:

@@ -2,6 +2,9 @@
 
     python launch/train.py --config=configs/adaptor.py            # embedded demo
     python launch/train.py --config=configs/adaptor.py:paper      # CLIP-L/336 + Qwen2-0.5B, 558k captions
+
+Planned for v4-8, v5e-8, v5e-16, v5p-8, v5p-16 and v6e-8 (fsdp over every chip; 8 rows per chip x 2
+micro-batches): fits each, at most 9.4 GiB per chip (docs/scale.md; `launch/plan.py` before a run).
 """
 
 from llavamod_jax.train import config

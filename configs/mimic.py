@@ -7,6 +7,8 @@
 
 The paper variants read the inputs a user provides (HF format; launch/convert.py) at the paths below,
 each overridable (`--config.teacher.hf_dir=...`), with the original scripts' hyperparameters.
+Both were planned for v4-8, v5e-8, v5e-16, v5p-8, v5p-16 and v6e-8 (fsdp over every chip; 1 row per
+chip x 8 micro-batches) and fit each: d2s at most 11.2 GiB per chip, 7.6 on v5e-8 (docs/scale.md).
 """
 
 from llavamod_jax.train import config

@@ -2,6 +2,9 @@
 
     python launch/train.py --config=configs/preference.py         # demo, after configs/mimic.py
     python launch/train.py --config=configs/preference.py:paper   # RLAIF-V pairs, kto_pair
+
+Planned for v4-8, v5e-8, v5e-16, v5p-8, v5p-16 and v6e-8 (fsdp over every chip; 1 pair per chip x 8
+micro-batches): fits each, at most 13.9 GiB per chip, 8.8 on v5e-8 (docs/scale.md).
 """
 
 from llavamod_jax.train import config

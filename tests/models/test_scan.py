@@ -77,14 +77,16 @@ def test_scanned_equals_unrolled(student, remat):
   ids, mask, pixels = _batch(model)
 
   def loss(m):
-    def fn(p):
+    def fn(p, ids, pixels, mask):
       out, state = m.apply({"params": p}, ids, pixels, mask, mutable=["moe"], train=True)
       aux = moe.aux_losses(state["moe"])
       return jnp.mean(out.logits ** 2) + aux["load_balancing_loss"] + aux["z_loss"], (out, state)
     return fn
 
-  (l1, (o1, s1)), g1 = jax.value_and_grad(loss(model), has_aux=True)(params)
-  (l2, (o2, s2)), g2 = jax.value_and_grad(loss(smodel), has_aux=True)(sparams)
+  (l1, (o1, s1)), g1 = jax.jit(jax.value_and_grad(loss(model), has_aux=True))(params, ids, pixels,
+                                                                              mask)
+  (l2, (o2, s2)), g2 = jax.jit(jax.value_and_grad(loss(smodel), has_aux=True))(sparams, ids, pixels,
+                                                                               mask)
   np.testing.assert_allclose(o2.logits, o1.logits, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(l2, l1, rtol=1e-5)
   per1, per2 = moe.per_layer(s1["moe"]), moe.per_layer(s2["moe"], smodel.cfg)
