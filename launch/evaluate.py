@@ -29,6 +29,7 @@ local paths.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -188,7 +189,11 @@ def _benchmark() -> dict:
   questions, skipped = None, {}
   try:
     if _QUESTIONS.value:
-      questions, skipped = bench.read_questions(_QUESTIONS.value, image_root=_IMAGE_ROOT.value or "")
+      # Scoring an answer file needs the questions, not their images.
+      unchecked = benchmarks.images_unchecked() if _ANSWERS.value else contextlib.nullcontext()
+      with unchecked:
+        questions, skipped = bench.read_questions(_QUESTIONS.value,
+                                                  image_root=_IMAGE_ROOT.value or "")
       questions = questions[:_LIMIT.value]
     bench.score(questions, benchmarks.Answers(), annotations)  # bad annotations fail before the model
   except (OSError, ValueError) as e:

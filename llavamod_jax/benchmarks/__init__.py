@@ -43,7 +43,7 @@ from types import ModuleType
 
 from llavamod_jax.benchmarks import gqa, mmbench, mme, pope, scienceqa, textvqa
 from llavamod_jax.benchmarks.answers import Answer, Answers, answer_for, read_answers, write_answers
-from llavamod_jax.benchmarks.common import Question
+from llavamod_jax.benchmarks.common import Question, images_unchecked
 
 BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in (pope, mme, textvqa, gqa, scienceqa, mmbench)}
 NAMES = tuple(BENCHMARKS)
@@ -58,4 +58,4 @@ def get(name: str) -> ModuleType:
 
 
 __all__ = ["Answer", "Answers", "BENCHMARKS", "NAMES", "Question", "answer_for", "get",
-           "read_answers", "write_answers"]
+           "images_unchecked", "read_answers", "write_answers"]

@@ -4,6 +4,9 @@ reading files with errors that name the file, and telling one benchmark's file f
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import dataclasses
 import json
 import os
@@ -110,8 +113,25 @@ def image_path(image_root: str | os.PathLike, image: str) -> str:
   return os.path.join(image_root, image) if image_root else image
 
 
+_CHECK_IMAGES = contextvars.ContextVar("llavamod_jax_benchmarks_check_images", default=True)
+
+
+@contextlib.contextmanager
+def images_unchecked():
+  """Within it, `read_questions` keeps questions whose image file is absent: scoring an answer
+  file needs the questions, not the images (`launch/evaluate.py --answers`)."""
+  token = _CHECK_IMAGES.set(False)
+  try:
+    yield
+  finally:
+    _CHECK_IMAGES.reset(token)
+
+
 def check_images(questions: Iterable[Question], skips: Skips) -> list[Question]:
-  """Questions whose image file exists (or that need none); the rest counted as missing_image."""
+  """Questions whose image file exists (or that need none); the rest counted as missing_image
+  (all kept inside `images_unchecked`)."""
+  if not _CHECK_IMAGES.get():
+    return list(questions)
   out = []
   for q in questions:
     if isinstance(q.image, str) and not os.path.isfile(q.image):

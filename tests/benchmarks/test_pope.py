@@ -107,6 +107,12 @@ def test_read_questions(tmp_path):
   assert q.image == str(images / ROWS[0][1]) and q.category == "random"
   assert q.max_new_tokens == 128
   assert q.metadata == {"category": "random", "image": ROWS[0][1]}
+  # Scoring an answer file reads the questions without their images.
+  with benchmarks.images_unchecked():
+    kept, skipped = benchmarks.get("pope").read_questions(qfile, images, annotations=[labels])
+  assert skipped == {} and [q.question_id for q in kept] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+  again, skipped = benchmarks.get("pope").read_questions(qfile, images, annotations=[labels])
+  assert skipped == {"missing_image": [3, 4]}  # checked again outside it
 
 
 def test_score_matches_the_reference(tmp_path):
