@@ -61,9 +61,10 @@ def score(questions, answers, annotations) -> dict:
   asked = None if questions is None else dict.fromkeys(common.key(q.question_id) for q in questions)
   skips = common.answer_skips(answers)
   right = {"binary": [], "open": []}
-  scored = set()
+  scored = set()  # every answer handled: scored, or skipped for a reason of its own
   for a in common.first_answers(answers, skips):
     k = common.key(a.question_id)
+    scored.add(k)
     if asked is not None and k not in asked:
       skips.add("not_in_questions", a.question_id)
       continue
@@ -74,11 +75,11 @@ def score(questions, answers, annotations) -> dict:
     if not q.get("isBalanced", True):
       skips.add("not_balanced", a.question_id)
       continue
-    scored.add(k)
     kind = "open" if q.get("types", {}).get("structural") == "query" else "binary"
     right[kind].append(prediction(a.text) == q["answer"])
-  expected = asked if asked is not None else (
-      k for k, q in truth.items() if q.get("isBalanced", True))
+  balanced = (k for k, q in truth.items() if q.get("isBalanced", True))
+  expected = balanced if asked is None else (
+      k for k in asked if truth.get(k, {}).get("isBalanced", True))
   for k in expected:
     if k not in scored:
       skips.add("unanswered", k)
