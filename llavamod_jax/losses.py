@@ -47,27 +47,168 @@ def common_vocab(student_logits, teacher_logits, vocab_size: int | None = None):
   return student_logits[..., :n], teacher_logits[..., :n]
 
 
-def token_kl(student_logits, teacher_logits, temperature: float = 1.0, reverse: bool = False):
-  """Per-position KL(teacher || student) (KL(student || teacher) when reverse), fp32 [...]."""
+OBJECTIVES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "soft_ce")
+
+
+def _kl(logp, logq):
+  """sum_v p (log p - log q) over the last axis, p = exp(logp), with 0 log 0 = 0 (a bucket of
+  probability 0 has logp = -inf). A contraction, not multiply-then-sum: XLA:CPU lowers the latter to
+  a reduce fusion that made this line ~15% of the mimic step (bench/parts.py); HIGHEST: on TPU a
+  default-precision f32 contraction would round its inputs to bf16."""
+  live = logp > -jnp.inf
+  diff = jnp.where(live, logp - jnp.where(live, logq, 0.0), 0.0)
+  return jnp.einsum("...v,...v->...", jnp.exp(logp), diff, precision=jax.lax.Precision.HIGHEST)
+
+
+def _log_mix(weight: float, logp, logq):
+  """log(weight * p + (1 - weight) * q) from log-probabilities, weight in [0, 1]."""
+  if weight <= 0.0:
+    return logq
+  if weight >= 1.0:
+    return logp
+  return jnp.logaddexp(jnp.log(weight) + logp, jnp.log1p(-weight) + logq)
+
+
+def divergence(logp, logq, objective: str = "forward_kl", alpha: float = 0.1, beta: float = 0.5):
+  """Per-position divergence between the teacher's distribution p and the student's q, both given
+  as log-probabilities over the last axis (a vocabulary, or top-k buckets and a tail):
+    forward_kl       KL(p || q)
+    reverse_kl       KL(q || p)
+    skew_forward_kl  KL(p || alpha p + (1 - alpha) q)        (DistiLLM's skew KL)
+    skew_reverse_kl  KL(q || alpha q + (1 - alpha) p)        (DistiLLM's skew reverse KL)
+    jsd              beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q  (GKD)
+    soft_ce          -sum p log q   (the original's "KD" value: forward KL's gradient, plus H(p))
+  """
+  if objective == "forward_kl":
+    return _kl(logp, logq)
+  if objective == "reverse_kl":
+    return _kl(logq, logp)
+  if objective == "skew_forward_kl":
+    return _kl(logp, _log_mix(alpha, logp, logq))
+  if objective == "skew_reverse_kl":
+    return _kl(logq, _log_mix(alpha, logq, logp))
+  if objective == "jsd":
+    logm = _log_mix(beta, logp, logq)
+    return beta * _kl(logp, logm) + (1.0 - beta) * _kl(logq, logm)
+  if objective == "soft_ce":
+    live = logp > -jnp.inf
+    return -jnp.einsum("...v,...v->...", jnp.exp(logp), jnp.where(live, logq, 0.0),
+                       precision=jax.lax.Precision.HIGHEST)
+  raise ValueError(f"distillation objective {objective!r}: expected one of {OBJECTIVES}")
+
+
+def objective_of(objective: str = "forward_kl", reverse: bool = False) -> str:
+  """The objective a (objective, reverse) pair names: `reverse=True` is the older spelling of
+  objective='reverse_kl'."""
+  if objective not in OBJECTIVES:
+    raise ValueError(f"distillation objective {objective!r}: expected one of {OBJECTIVES}")
+  if reverse and objective not in ("forward_kl", "reverse_kl"):
+    raise ValueError(f"reverse=True with objective={objective!r}: reverse selects 'reverse_kl'; "
+                     "give only the objective")
+  return "reverse_kl" if reverse else objective
+
+
+def token_divergence(student_logits, teacher_logits, temperature: float = 1.0,
+                     objective: str = "forward_kl", alpha: float = 0.1, beta: float = 0.5):
+  """Per-position `divergence` of the teacher's and the student's softmax at `temperature`, fp32."""
   s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
   t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
-  logp, logq = (s, t) if reverse else (t, s)
-  # A contraction, not multiply-then-sum: XLA:CPU lowers the latter to a reduce fusion that made this
-  # line ~15% of the mimic step (bench/parts.py); the value is the same.
-  # HIGHEST: on TPU a default-precision f32 contraction would round its inputs to bf16.
-  return jnp.einsum("...v,...v->...", jnp.exp(logp), logp - logq,
-                    precision=jax.lax.Precision.HIGHEST)
+  return divergence(t, s, objective, alpha, beta)
 
 
-def kl_distillation(student_logits, teacher_logits, mask, temperature: float = 1.0, *,
-                    reverse: bool = False, vocab_size: int | None = None):
-  """Mean over masked positions of KL(teacher || student) at `temperature`, scaled by T^2.
+def token_kl(student_logits, teacher_logits, temperature: float = 1.0, reverse: bool = False):
+  """Per-position KL(teacher || student) (KL(student || teacher) when reverse), fp32 [...]."""
+  return token_divergence(student_logits, teacher_logits, temperature,
+                          "reverse_kl" if reverse else "forward_kl")
+
+
+def distillation_loss(student_logits, teacher_logits, mask, objective: str = "forward_kl",
+                      temperature: float = 1.0, alpha: float = 0.1, beta: float = 0.5, *,
+                      vocab_size: int | None = None):
+  """Mean over masked positions of `divergence(p, q, objective)` at `temperature`, scaled by T^2.
 
   Logits [batch, seq, vocab] at the same positions; `mask` [batch, seq] selects response positions
   (see `distill_mask`). The teacher side gets no gradient.
   """
   s, t = common_vocab(student_logits, jax.lax.stop_gradient(teacher_logits), vocab_size)
-  return _masked_mean(token_kl(s, t, temperature, reverse), mask) * temperature**2
+  per_token = token_divergence(s, t, temperature, objective, alpha, beta)
+  return _masked_mean(per_token, mask) * temperature**2
+
+
+def kl_distillation(student_logits, teacher_logits, mask, temperature: float = 1.0, *,
+                    reverse: bool = False, vocab_size: int | None = None):
+  """`distillation_loss` with forward KL(teacher || student) (reverse: KL(student || teacher))."""
+  return distillation_loss(student_logits, teacher_logits, mask,
+                           "reverse_kl" if reverse else "forward_kl", temperature,
+                           vocab_size=vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation from stored top-k teacher logits (launch/teacher_logits.py).
+# ---------------------------------------------------------------------------------------------
+
+# The teacher's tail probability is floored here when it is computed as 1 - sum(top-k): stored
+# log-probabilities carry rounding, and a tail of exactly 0 against a student tail > 0 would make
+# the reverse objectives infinite. Its share of any objective is below 1e-10.
+TAIL_FLOOR = 1e-12
+
+
+def sanitize_topk(topk_logits, topk_ids, logsumexp, mask):
+  """Positions outside `mask` get a valid stand-in (ids 0..k-1 with probability 1/k each), so no
+  term or gradient there is NaN; the positions themselves carry no weight in the losses."""
+  k = topk_ids.shape[-1]
+  m = mask.astype(bool)
+  logits = jnp.where(m[..., None], topk_logits.astype(jnp.float32), 0.0)
+  ids = jnp.where(m[..., None], topk_ids, jnp.arange(k, dtype=topk_ids.dtype))
+  lse = jnp.where(m, logsumexp.astype(jnp.float32), jnp.log(jnp.float32(k)))
+  return logits, ids, lse
+
+
+def topk_log_distributions(student_logits, topk_logits, topk_ids, logsumexp,
+                           temperature: float = 1.0):
+  """The teacher's and the student's distributions over the k stored ids and one tail bucket, as
+  log-probabilities [..., k + 1] (just [..., k] when k is the vocabulary: no tail).
+
+  teacher: p_i = exp(t_i / T - lse_T) for the stored logits t_i (`logsumexp` is lse_T, the
+  log-sum-exp of all the teacher's logits / T), p_tail = 1 - sum_i p_i;
+  student: q = softmax(student_logits / T), q_tail = 1 - sum_i q[id_i], computed as the log-sum-exp
+  of the student's logits outside the stored ids (no cancellation when the tail is small)."""
+  s = student_logits.astype(jnp.float32) / temperature
+  k, vocab = topk_ids.shape[-1], s.shape[-1]
+  lse_s = jax.nn.logsumexp(s, axis=-1)
+  logq = jnp.take_along_axis(s, topk_ids, axis=-1) - lse_s[..., None]
+  logp = topk_logits.astype(jnp.float32) / temperature - logsumexp.astype(jnp.float32)[..., None]
+  if k >= vocab:
+    return logp, logq
+  flat_s = s.reshape(-1, vocab)
+  flat_ids = topk_ids.reshape(-1, k)
+  rows = jnp.arange(flat_s.shape[0])[:, None]
+  outside = jnp.full(flat_s.shape, True).at[rows, flat_ids].set(False).reshape(s.shape)
+  logq_tail = jax.nn.logsumexp(jnp.where(outside, s, -jnp.inf), axis=-1) - lse_s
+  p_tail = jnp.maximum(1.0 - jnp.sum(jnp.exp(logp), axis=-1), TAIL_FLOOR)
+  return (jnp.concatenate([logp, jnp.log(p_tail)[..., None]], axis=-1),
+          jnp.concatenate([logq, logq_tail[..., None]], axis=-1))
+
+
+def token_topk_divergence(student_logits, topk_logits, topk_ids, logsumexp, temperature: float = 1.0,
+                          objective: str = "forward_kl", alpha: float = 0.1, beta: float = 0.5):
+  """Per-position `divergence` over the top-k buckets and the tail (`topk_log_distributions`)."""
+  logp, logq = topk_log_distributions(student_logits, topk_logits, topk_ids, logsumexp, temperature)
+  return divergence(logp, logq, objective, alpha, beta)
+
+
+def topk_kl(student_logits, teacher_topk_logits, teacher_topk_ids, teacher_logsumexp, mask,
+            temperature: float = 1.0, objective: str = "forward_kl", alpha: float = 0.1,
+            beta: float = 0.5):
+  """Mean over masked positions of the divergence between the teacher's stored top-k distribution
+  (the tail of its distribution as one bucket) and the student's, scaled by T^2. Exact when k is the
+  vocabulary. student_logits [batch, seq, vocab] (sliced to the distilled vocabulary), the teacher's
+  [batch, seq, k] logits and ids and [batch, seq] log-sum-exp at `temperature`, mask [batch, seq]."""
+  logits, ids, lse = sanitize_topk(jax.lax.stop_gradient(teacher_topk_logits), teacher_topk_ids,
+                                   jax.lax.stop_gradient(teacher_logsumexp), mask)
+  per_token = token_topk_divergence(student_logits, logits, ids, lse, temperature, objective, alpha,
+                                    beta)
+  return _masked_mean(per_token, mask) * temperature**2
 
 
 def token_logps(logits, targets):
@@ -150,11 +291,33 @@ def _sum_chunks(chunk: Callable, trained, xs, zero, size: int):
   return total
 
 
+def _chunked_kd(student_hidden, student_head: Callable, teacher_xs: tuple, per_token: Callable,
+                kl_mask, targets, ce_mask, chunk_size: int, temperature: float):
+  """The chunk loop of both chunked distillations: per chunk, the student's logits, the summed
+  `per_token(student_logits, *teacher_chunk)` over kl_mask and the summed CE over ce_mask."""
+  n_teacher = len(teacher_xs)
+
+  def chunk(sh, *rest):
+    t, (km, tgt, cm) = rest[:n_teacher], rest[n_teacher:]
+    s_full = student_head(sh)
+    kl = jnp.sum(jnp.where(km.astype(bool), per_token(s_full, *t), 0.0))
+    return kl, jnp.sum(-token_logps(s_full, tgt) * cm)
+
+  trained = kl_mask.astype(bool) | ce_mask.astype(bool)
+  kl_sum, ce_sum = _sum_chunks(chunk, trained, (student_hidden, *teacher_xs, kl_mask, targets,
+                                                ce_mask), (jnp.float32(0), jnp.float32(0)), chunk_size)
+  kl_count = jnp.maximum(jnp.sum(kl_mask.astype(jnp.float32)), 1.0)
+  ce_count = jnp.maximum(jnp.sum(ce_mask.astype(jnp.float32)), 1.0)
+  return {"kl": kl_sum / kl_count * temperature**2, "ce": ce_sum / ce_count}
+
+
 def chunked_distillation(student_hidden, teacher_hidden, student_head: Callable, teacher_head: Callable,
                          kl_mask, targets, ce_mask, *, chunk_size: int = 256,
                          temperature: float = 1.0, reverse: bool = False,
-                         vocab_size: int | None = None) -> dict[str, jax.Array]:
-  """`kl_distillation` and next-token CE from final hidden states, `chunk_size` positions at a time.
+                         vocab_size: int | None = None, objective: str = "forward_kl",
+                         alpha: float = 0.1, beta: float = 0.5) -> dict[str, jax.Array]:
+  """`distillation_loss` (as "kl", whatever the objective) and next-token CE from final hidden
+  states, `chunk_size` positions at a time.
 
   `*_hidden` [batch, seq, hidden] (after the final norm); `*_head` map a [batch, chunk, hidden] slice
   to logits; `kl_mask`, `targets`, `ce_mask` [batch, seq] (see `distill_mask`, `next_token_targets`).
@@ -164,19 +327,33 @@ def chunked_distillation(student_hidden, teacher_hidden, student_head: Callable,
   computed. Each chunk is rematerialised in the backward pass, so at most one chunk of logits per
   model is alive at a time; value and gradient equal the unchunked losses.
   """
+  objective = objective_of(objective, reverse)
 
-  def chunk(sh, th, km, tgt, cm):
-    s_full = student_head(sh)
+  def per_token(s_full, th):
     s_logits, t_logits = common_vocab(s_full, jax.lax.stop_gradient(teacher_head(th)), vocab_size)
-    kl = jnp.sum(token_kl(s_logits, t_logits, temperature, reverse) * km)
-    return kl, jnp.sum(-token_logps(s_full, tgt) * cm)
+    return token_divergence(s_logits, t_logits, temperature, objective, alpha, beta)
 
-  trained = kl_mask.astype(bool) | ce_mask.astype(bool)
-  kl_sum, ce_sum = _sum_chunks(chunk, trained, (student_hidden, teacher_hidden, kl_mask, targets,
-                                                ce_mask), (jnp.float32(0), jnp.float32(0)), chunk_size)
-  kl_count = jnp.maximum(jnp.sum(kl_mask.astype(jnp.float32)), 1.0)
-  ce_count = jnp.maximum(jnp.sum(ce_mask.astype(jnp.float32)), 1.0)
-  return {"kl": kl_sum / kl_count * temperature**2, "ce": ce_sum / ce_count}
+  return _chunked_kd(student_hidden, student_head, (teacher_hidden,), per_token, kl_mask, targets,
+                     ce_mask, chunk_size, temperature)
+
+
+def chunked_topk_distillation(student_hidden, student_head: Callable, teacher_topk_logits,
+                              teacher_topk_ids, teacher_logsumexp, kl_mask, targets, ce_mask, *,
+                              chunk_size: int = 256, temperature: float = 1.0,
+                              vocab_size: int | None = None, objective: str = "forward_kl",
+                              alpha: float = 0.1, beta: float = 0.5) -> dict[str, jax.Array]:
+  """`topk_kl` (as "kl") and next-token CE from the student's final hidden states, `chunk_size`
+  positions at a time, as `chunked_distillation` does with a teacher in memory. `vocab_size`: the
+  distilled vocabulary the teacher's top-k was taken over (the student's logits are cut to it)."""
+  logits, ids, lse = sanitize_topk(jax.lax.stop_gradient(teacher_topk_logits), teacher_topk_ids,
+                                   jax.lax.stop_gradient(teacher_logsumexp), kl_mask)
+
+  def per_token(s_full, t, i, z):
+    s_logits = s_full[..., :vocab_size] if vocab_size else s_full
+    return token_topk_divergence(s_logits, t, i, z, temperature, objective, alpha, beta)
+
+  return _chunked_kd(student_hidden, student_head, (logits, ids, lse), per_token, kl_mask, targets,
+                     ce_mask, chunk_size, temperature)
 
 
 def chunked_cross_entropy(hidden, head: Callable, targets, mask, *, chunk_size: int = 256):

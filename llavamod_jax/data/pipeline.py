@@ -61,6 +61,7 @@ import numpy as np
 
 from llavamod_jax import fileutil
 from llavamod_jax.data import sources as sources_lib
+from llavamod_jax.data import teacher_logits as teacher_logits_lib
 from llavamod_jax.data import templates
 
 log = logging.getLogger(__name__)
@@ -158,15 +159,21 @@ class _Prepare:
       pixels = self._pixels(record, ref[0].num_images)
     except _ImageSkip as e:
       return _skip(e.reason, record.id, record.origin, e.detail)
-    return {"id": record.id, "origin": record.origin, "truncated": any(r.truncated for r in ref),
+    first = encoded[0][0]  # the key of views[0]'s text: the same in every view (teacher_logits)
+    key = teacher_logits_lib.record_key(record.id, first.input_ids, first.labels,
+                                        self.views[0].image_token_id)
+    return {"id": record.id, "origin": record.origin, "key": key,
+            "truncated": any(r.truncated for r in ref),
             "views": [{"input_ids": [e.input_ids for e in enc], "labels": [e.labels for e in enc],
                        "pixel_values": px} for enc, px in zip(encoded, pixels)]}
 
 
 def batch_shapes(views: Sequence[View], mode: str, batch_size: int, length: int,
-                 images_per_sample: int = 1) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+                 images_per_sample: int = 1,
+                 top_k: int = 0) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """(shape, dtype) of every array of a batch of `batch_size` examples padded to `length` tokens in
-  the view with the fewest image tokens (example_mask aside): what `_Collate` makes."""
+  the view with the fewest image tokens (example_mask aside): what `_Collate` makes. `top_k` > 0:
+  with stored teacher logits at views[0]'s positions (`teacher_topk_*`, `teacher_logsumexp`)."""
   rows = (2 if mode == "preference" else 1) * batch_size
   k, fewest = images_per_sample, min(v.num_image_tokens for v in views)
   out = {}
@@ -177,6 +184,11 @@ def batch_shapes(views: Sequence[View], mode: str, batch_size: int, length: int,
                 f"{p}attention_mask": ((rows, seq), np.int32), f"{p}labels": ((rows, seq), np.int32),
                 f"{p}pixel_values": ((rows * k, size, size, 3), np.float32),
                 f"{p}image_mask": ((rows * k,), np.bool_)})
+  if top_k:
+    seq = out[f"{views[0].prefix}input_ids"][0][1]
+    out.update({"teacher_topk_logits": ((rows, seq, top_k), np.float32),
+                "teacher_topk_ids": ((rows, seq, top_k), np.int32),
+                "teacher_logsumexp": ((rows, seq), np.float32)})
   return out
 
 
@@ -184,8 +196,10 @@ class _Collate:
   """Examples -> one fixed-shape batch (see the module docstring)."""
 
   def __init__(self, views: Sequence[View], mode: str, batch_size: int, max_length: int,
-               images_per_sample: int, pad_id: int, length_buckets: Sequence[int] | None):
+               images_per_sample: int, pad_id: int, length_buckets: Sequence[int] | None,
+               topk: tuple[int, bool, float] | None = None):
     self.views, self.mode, self.batch_size = tuple(views), mode, batch_size
+    self.topk = topk  # (k, shift_mask, temperature) with stored teacher logits
     self.images_per_sample, self.pad_id, self.max_length = images_per_sample, pad_id, max_length
     self.buckets = sorted({int(b) for b in (length_buckets or ()) if b < max_length} | {max_length})
 
@@ -197,7 +211,7 @@ class _Collate:
     length = next(bucket for bucket in self.buckets if bucket >= longest)
     batch = {"example_mask": np.zeros((b,), np.int32)}
     batch["example_mask"][:len(examples)] = 1
-    shapes = batch_shapes(self.views, self.mode, b, length, k)
+    shapes = batch_shapes(self.views, self.mode, b, length, k, self.topk[0] if self.topk else 0)
     for v, view in enumerate(self.views):
       p = view.prefix
       ids = np.full(shapes[f"{p}input_ids"][0], self.pad_id, np.int32)
@@ -216,6 +230,17 @@ class _Collate:
           image_mask[row * k:row * k + len(px)] = True
       batch.update({f"{p}input_ids": ids, f"{p}attention_mask": mask, f"{p}labels": labels,
                     f"{p}pixel_values": pixels, f"{p}image_mask": image_mask})
+    if self.topk:  # at views[0]'s distilled positions (conversation rows only)
+      top_k, shift, temperature = self.topk
+      seq = batch[f"{self.views[0].prefix}input_ids"].shape[1]
+      arrays = [np.zeros(*shapes[name]) for name in
+                ("teacher_topk_logits", "teacher_topk_ids", "teacher_logsumexp")]
+      for i, ex in enumerate(examples):
+        for out, x in zip(arrays, teacher_logits_lib.place(ex["views"][0]["labels"][0],
+                                                           ex["teacher_topk"], shift, temperature,
+                                                           seq, top_k)):
+          out[i] = x
+      batch.update(zip(("teacher_topk_logits", "teacher_topk_ids", "teacher_logsumexp"), arrays))
     return batch
 
 
@@ -232,6 +257,7 @@ class BatchIterator(grain.DatasetIterator):
     self._max_skips = max_skips_in_a_row
     self._counts = _new_counts()
     self._done = False
+    self.last_keys: list[str] = []  # the keys of the last batch's examples, in row order
 
   def _account(self, item: dict) -> bool:
     """Counts `item`; True when it is a usable example."""
@@ -276,6 +302,7 @@ class BatchIterator(grain.DatasetIterator):
     if examples and (len(examples) == self._collate.batch_size or not self._drop_remainder):
       self._counts["batches"] += 1
       batch = self._collate(examples)
+      self.last_keys = [ex["key"] for ex in examples]
     else:
       self._counts["dropped_remainder"] += len(examples)
     if exhausted_now:
@@ -357,6 +384,9 @@ class Pipeline:
   After construction, `records_per_epoch` is the number of records in one pass (all processes) and
   `examples` the grain IterDataset of this process's per-record results (examples and skip markers)
   that its batches are made of.
+  teacher_logits: a `teacher_logits.Reader`; each example gets its record's stored teacher top-k
+    (records without one are skipped and counted) and batches carry them at the distilled positions
+    (`shift_mask`: as `losses.distill_mask`) as `losses.topk_kl` reads them at `temperature`.
   """
 
   def __init__(self, source: Any, tokenizer: Any, *, views: Sequence[View], batch_size: int,
@@ -366,7 +396,9 @@ class Pipeline:
                num_epochs: int | None = 1, shard_index: int | None = None,
                shard_count: int | None = None, worker_count: int = 0, worker_buffer_size: int = 2,
                read_threads: int = 2, read_buffer_size: int = 16, drop_remainder: bool = True,
-               strict: bool = False, log_first: int = 10):
+               strict: bool = False, log_first: int = 10,
+               teacher_logits: teacher_logits_lib.Reader | None = None, shift_mask: bool = True,
+               temperature: float = 1.0):
     if mode not in MODES:
       raise ValueError(f"mode {mode!r}: expected one of {MODES}")
     if not views:
@@ -398,8 +430,11 @@ class Pipeline:
     encoder = templates.Encoder(tokenizer, template)
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     rows = batch_size // shard_count
+    if teacher_logits is not None and mode != "conversation":
+      raise ValueError(f"stored teacher logits are for conversation data, not mode {mode!r}")
+    topk = (teacher_logits.top_k, shift_mask, temperature) if teacher_logits is not None else None
     self._collate = _Collate(views, mode, rows, max_length, images_per_sample, pad_id,
-                             length_buckets)
+                             length_buckets, topk)
 
     ds = grain.MapDataset.source(source)
     self.records_per_epoch = len(ds)
@@ -410,6 +445,8 @@ class Pipeline:
     if shard_count > 1:  # after shuffle and repeat: the global order is the same for any count
       ds = _ProcessRows(ds, rows, shard_index, shard_count)
     ds = ds.map(_Prepare(encoder, views, mode, max_length, images_per_sample))
+    if teacher_logits is not None:
+      ds = ds.map(teacher_logits_lib.Attach(teacher_logits, shift_mask))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=read_buffer_size))
     if worker_count > 0:

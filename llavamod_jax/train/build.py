@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from llavamod_jax import checkpoint, fileutil, hf, models, moe
-from llavamod_jax.data import pipeline, sources, templates
+from llavamod_jax.data import pipeline, sources, teacher_logits, templates
 from llavamod_jax.models import scan
 from llavamod_jax.models.configs import LlavaConfig, TextConfig, VisionConfig
 
@@ -183,8 +183,11 @@ def load_model(src, tokenizer, cfg, *, role: str):
 
 
 def teacher_dir(cfg) -> str | None:
-  """Where the teacher can be read back from (run.json: the final report and evaluate read it)."""
+  """Where the teacher can be read back from (run.json: the final report and evaluate read it); for
+  stored logits, the teacher they were computed with."""
   src = cfg.teacher
+  if src.init == "offline":
+    return teacher_logits.read_meta(src.logits_dir).get("teacher")
   if src.init == "hf":
     return str(Path(src.hf_dir).resolve())
   if src.init == "workdir":
@@ -213,8 +216,27 @@ def views(student, teacher, aspect: str) -> list[pipeline.View]:
   return out
 
 
+def stored_teacher_logits(cfg, student) -> teacher_logits.Reader:
+  """The reader of `teacher.logits_dir`, checked against this run: the same temperature, mask,
+  template and max_length, and a vocabulary the student's logits cover."""
+  reader = teacher_logits.Reader(cfg.teacher.logits_dir)
+  meta = reader.meta
+  teacher_logits.check_settings(meta, {
+      "temperature": cfg.loss.temperature, "shift_mask": cfg.loss.shift_mask,
+      "template": cfg.data.template, "max_length": cfg.data.max_length},
+      f"config.teacher.logits_dir={cfg.teacher.logits_dir}")
+  vocab = student.cfg.text.vocab_size if hasattr(student.cfg, "text") else student.cfg.vocab_size
+  if meta["vocab_size"] > vocab or cfg.loss.vocab_size not in (0, meta["vocab_size"]):
+    raise teacher_logits.TeacherLogitsError(
+        f"config.teacher.logits_dir={cfg.teacher.logits_dir}: its top-k is over {meta['vocab_size']} "
+        f"tokens; the student has {vocab} and config.loss.vocab_size={cfg.loss.vocab_size}")
+  return reader
+
+
 def data_pipeline(cfg, tokenizer, student, teacher, files, *, seed: int, shuffle: bool,
-                  num_epochs, weights=None) -> pipeline.Pipeline:
+                  num_epochs, weights=None, stored: teacher_logits.Reader | None = None,
+                  ) -> pipeline.Pipeline:
+  """The stage's batches of `files`; `stored`: with the stored teacher logits of each record."""
   kind = "preference" if cfg.stage == "preference" else "conversation"
   source = sources.from_files(list(files), list(weights) if weights else None,
                               image_root=cfg.data.image_root or None, kind=kind, seed=seed)
@@ -222,4 +244,5 @@ def data_pipeline(cfg, tokenizer, student, teacher, files, *, seed: int, shuffle
       source, tokenizer, views=views(student, teacher, cfg.data.image_aspect),
       batch_size=cfg.data.batch_size, max_length=cfg.data.max_length, template=cfg.data.template,
       mode=kind, images_per_sample=cfg.data.images_per_sample, shuffle=shuffle, seed=seed,
-      num_epochs=num_epochs, worker_count=cfg.data.worker_count)
+      num_epochs=num_epochs, worker_count=cfg.data.worker_count, teacher_logits=stored,
+      shift_mask=cfg.loss.shift_mask, temperature=cfg.loss.temperature)

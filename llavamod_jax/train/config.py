@@ -5,6 +5,8 @@
 
 Models come from one of (`student.init`, `teacher.init`):
   hf        an HF directory (`hf_dir`)
+  offline   (teacher, mimic stage) no teacher in memory: its top-k logits, stored by
+            launch/teacher_logits.py in `logits_dir`, are read with the data
   workdir   the latest checkpoint of a previous stage's workdir (`workdir`)
   compose   a new LLaVA from a vision-tower HF dir + an LLM HF dir + a fresh projector (the paper's
             student before the adaptor stage)
@@ -36,7 +38,12 @@ class LossConfig:
   aux_coef: float = 0.01  # MoE load-balancing loss coefficient, summed over MoE layers
   z_coef: float = 0.0  # router z-loss coefficient
   temperature: float = 1.0  # both distributions at this temperature
-  reverse_kl: bool = False  # KL(student || teacher) instead
+  # mimic: what "kl" is (losses.divergence): forward_kl | reverse_kl | skew_forward_kl |
+  # skew_reverse_kl | jsd | soft_ce (the original's -sum p log q, for exact reproduction)
+  objective: str = "forward_kl"
+  skew_alpha: float = 0.1  # skew objectives: the mixture weight alpha (DistiLLM's 0.1)
+  jsd_beta: float = 0.5  # jsd: the generalized JSD's beta (GKD)
+  reverse_kl: bool = False  # the older spelling of objective="reverse_kl"
   shift_mask: bool = True  # False: the original's off-by-one distillation mask
   chunk_size: int = 0  # > 0: KL / CE over sequence chunks of this many positions, no full logits
   vocab_size: int = 0  # distil over the first N logits; 0: the smaller of the two vocabularies
@@ -101,6 +108,8 @@ def base() -> ml_collections.ConfigDict:
   c.mesh = {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1}
   c.student = model_source("scratch")
   c.teacher = model_source("none")
+  c.teacher.logits_dir = ""  # init=offline: a launch/teacher_logits.py output directory
+  c.teacher.top_k = 64  # launch/teacher_logits.py: logits kept per position (plan.py plans with it)
   c.trainable = "dense_to_sparse"  # a stage of train.optim.STAGE_TRAINABLE, or a regex over paths
 
   c.data = ml_collections.ConfigDict({
@@ -152,7 +161,7 @@ def validate(c: ml_collections.ConfigDict, *, data: bool = True) -> None:
     fail("nan_policy", f"{c.nan_policy!r}: expected 'stop' or 'skip'")
   for who in ("student", "teacher"):
     src = c[who]
-    inits = INITS + (("none",) if who == "teacher" else ())
+    inits = INITS + (("none", "offline") if who == "teacher" else ())
     if src.init == "demo":
       fail(f"{who}.init", "'demo' is resolved by llavamod_jax.demo.prepare(config) before training "
            "(launch/train.py does it for configs with a demo section)")
@@ -170,6 +179,22 @@ def validate(c: ml_collections.ConfigDict, *, data: bool = True) -> None:
            f"{who}.moe.impl auto|ragged|blocked, got dispatch={m.dispatch!r}, impl={m.impl!r}")
   if STAGES[c.stage] in ("mimic", "preference") and c.teacher.init == "none":
     fail("teacher.init", f"stage {c.stage!r} needs a teacher")
+  if c.teacher.init == "offline":
+    if STAGES[c.stage] != "mimic":
+      fail("teacher.init", f"'offline' (stored teacher logits) is for the mimic stage, not {c.stage!r}")
+    if not c.teacher.logits_dir:
+      fail("teacher.logits_dir", "required when teacher.init='offline' (launch/teacher_logits.py "
+           "writes it)")
+  if c.teacher.top_k < 1:
+    fail("teacher.top_k", f"must be >= 1, got {c.teacher.top_k}")
+  from llavamod_jax import losses  # noqa: PLC0415 (config stays importable without jax work)
+  try:
+    losses.objective_of(c.loss.objective, c.loss.reverse_kl)
+  except ValueError as e:
+    fail("loss.objective", str(e))
+  if not 0.0 <= c.loss.skew_alpha <= 1.0 or not 0.0 <= c.loss.jsd_beta <= 1.0:
+    fail("loss.skew_alpha", f"skew_alpha={c.loss.skew_alpha}, jsd_beta={c.loss.jsd_beta}: both "
+         "must lie in [0, 1]")
   if data and not c.data.train_files:
     fail("data.train_files", "no training data given")
   if data and c.eval_every and not c.data.eval_files:

@@ -18,6 +18,7 @@ be decided by all (a SIGTERM is agreed on at logging steps).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -53,10 +54,14 @@ def run(cfg, workdir) -> dict[str, float]:
   # Models: the tokenizer, the teacher (mimic, preference), the student.
   # ------------------------------------------------------------------------------------------
   tokenizer = build.tokenizer_for(cfg)
-  teacher, teacher_params = None, None
-  if kind in ("mimic", "preference"):
+  teacher, teacher_params, stored = None, None, None
+  if kind in ("mimic", "preference") and cfg.teacher.init != "offline":
     teacher, teacher_params = build.load_model(cfg.teacher, tokenizer, cfg, role="teacher")
   student, params = build.load_model(cfg.student, tokenizer, cfg, role="student")
+  if cfg.teacher.init == "offline":  # no teacher in memory: its top-k logits come with the data
+    stored = build.stored_teacher_logits(cfg, student)
+    log.info("teacher: stored top-%d logits of %d records in %s", stored.top_k, len(stored),
+             cfg.teacher.logits_dir)
   write_run_info(workdir, cfg, student, tokenizer)
 
   # ------------------------------------------------------------------------------------------
@@ -72,7 +77,8 @@ def run(cfg, workdir) -> dict[str, float]:
   # Data: an endless, checkpointable iterator over this process's rows of every global batch.
   # ------------------------------------------------------------------------------------------
   data = build.data_pipeline(cfg, tokenizer, student, teacher, cfg.data.train_files, seed=cfg.seed,
-                             shuffle=cfg.data.shuffle, num_epochs=None, weights=cfg.data.weights)
+                             shuffle=cfg.data.shuffle, num_epochs=None, weights=cfg.data.weights,
+                             stored=stored)
   data_iter = iter(data)
 
   # ------------------------------------------------------------------------------------------
@@ -83,10 +89,13 @@ def run(cfg, workdir) -> dict[str, float]:
   state = sharding.replicate_unplaced(steps.init_state(params, patterns, tx, cfg.seed), mesh)
   del params
   loss_cfg = LossConfig(**cfg.loss.to_dict())
+  if stored is not None:  # the student's logits cut to the vocabulary the top-k was taken over
+    loss_cfg = dataclasses.replace(loss_cfg, vocab_size=stored.meta["vocab_size"])
   train_step = steps.make_train_step(kind, student, teacher, tx, loss_cfg,
                                      grad_accum_steps=cfg.optimizer.grad_accum_steps,
                                      schedule=schedule)
-  evaluate = held_out_evaluation(cfg, tokenizer, student, teacher, mesh) if cfg.eval_every else None
+  evaluate = (held_out_evaluation(cfg, tokenizer, student, teacher, mesh, stored, loss_cfg)
+              if cfg.eval_every else None)
 
   # ------------------------------------------------------------------------------------------
   # Restore: the latest checkpoint of the workdir, if any.
@@ -199,16 +208,18 @@ def _preemption():
     signal.signal(signal.SIGTERM, previous)
 
 
-def held_out_evaluation(cfg, tokenizer, student, teacher, mesh):
+def held_out_evaluation(cfg, tokenizer, student, teacher, mesh, stored=None, loss_cfg=None):
   """`evaluate(params, teacher_params) -> {"eval/<metric>": mean}` over the first
   `cfg.eval_batches` batches of `data.eval_files` (0: one pass; the same batches every time), with
   the stage's loss at train=False: the held-out loss, KL, CE, preference terms, MoE statistics."""
   kind = STAGES[cfg.stage]
   pipe = build.data_pipeline(cfg, tokenizer, student, teacher, cfg.data.eval_files, seed=cfg.seed,
-                             shuffle=False, num_epochs=None)  # endless: every process gets n
+                             shuffle=False, num_epochs=None,  # endless: every process gets n
+                             stored=stored)
   n = cfg.eval_batches or math.ceil(pipe.records_per_epoch / cfg.data.batch_size)
   noise = getattr(student.cfg, "text", student.cfg).router_noise == "gumbel"
-  eval_step = steps.make_eval_step(kind, student, teacher, LossConfig(**cfg.loss.to_dict()),
+  eval_step = steps.make_eval_step(kind, student, teacher,
+                                   loss_cfg or LossConfig(**cfg.loss.to_dict()),
                                    rng=jax.random.key(cfg.seed) if noise else None)
 
   def evaluate(params, teacher_params) -> dict[str, float]:

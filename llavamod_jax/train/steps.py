@@ -99,33 +99,49 @@ def sft_loss(student, cfg: LossConfig):
 
 
 def mimic_loss(student, teacher, cfg: LossConfig):
+  """KL (`cfg.objective`) to the teacher in memory, or, with `teacher=None`, to its stored top-k
+  logits that the batch carries (`teacher_topk_logits`, `teacher_topk_ids` [B, S, k],
+  `teacher_logsumexp` [B, S], at the student's distilled positions; data.teacher_logits)."""
   vocab = cfg.vocab_size or None
+  div_kw = dict(temperature=cfg.temperature, objective=losses.objective_of(cfg.objective,
+                                                                            cfg.reverse_kl),
+                alpha=cfg.skew_alpha, beta=cfg.jsd_beta)
 
   def fn(params, teacher_params, batch, rng, train):
     chunked = cfg.chunk_size > 0
-    t_out, _ = models.forward(teacher, teacher_params, batch, "teacher_", logits=not chunked)
+    offline = teacher is None
+    if not offline:
+      t_out, _ = models.forward(teacher, teacher_params, batch, "teacher_", logits=not chunked)
     s_out, moe_state = models.forward(student, params, batch, train=train, rng=rng,
                                       logits=not chunked)
     labels = batch["labels"]
     kl_mask = losses.distill_mask(labels, cfg.shift_mask)
     targets, ce_mask = losses.next_token_targets(labels)
     s_repr = s_out.hidden_states if chunked else s_out.logits
-    t_repr = jax.lax.stop_gradient(t_out.hidden_states if chunked else t_out.logits)
-    aligned = "teacher_labels" not in batch
-    if aligned:
+    aligned = offline or "teacher_labels" not in batch
+    if offline:
+      topk = (batch["teacher_topk_logits"], batch["teacher_topk_ids"], batch["teacher_logsumexp"])
       s_kl, kl_mask_kl = s_repr, kl_mask
-    else:  # different prompt lengths: pair the response positions of both, in order
-      s_kl, t_repr, kl_mask_kl = losses.pair_positions(
-          s_repr, kl_mask, t_repr, losses.distill_mask(batch["teacher_labels"], cfg.shift_mask))
-    kl_kw = dict(temperature=cfg.temperature, reverse=cfg.reverse_kl, vocab_size=vocab)
+    else:
+      t_repr = jax.lax.stop_gradient(t_out.hidden_states if chunked else t_out.logits)
+      if aligned:
+        s_kl, kl_mask_kl = s_repr, kl_mask
+      else:  # different prompt lengths: pair the response positions of both, in order
+        s_kl, t_repr, kl_mask_kl = losses.pair_positions(
+            s_repr, kl_mask, t_repr, losses.distill_mask(batch["teacher_labels"], cfg.shift_mask))
     metrics = {}
     if chunked:
       head_s = lambda h: student.apply({"params": params}, h, method=student.logits)  # noqa: E731
-      head_t = lambda h: teacher.apply({"params": teacher_params}, h, method=teacher.logits)  # noqa
       with_ce = bool(cfg.ce_weight) and aligned  # one pass computes both when positions line up
-      out = losses.chunked_distillation(
-          s_kl, t_repr, head_s, head_t, kl_mask_kl, targets,
-          ce_mask if with_ce else jnp.zeros_like(ce_mask), chunk_size=cfg.chunk_size, **kl_kw)
+      ce_mask_kl = ce_mask if with_ce else jnp.zeros_like(ce_mask)
+      if offline:
+        out = losses.chunked_topk_distillation(s_kl, head_s, *topk, kl_mask_kl, targets, ce_mask_kl,
+                                               chunk_size=cfg.chunk_size, vocab_size=vocab, **div_kw)
+      else:
+        head_t = lambda h: teacher.apply({"params": teacher_params}, h, method=teacher.logits)  # noqa
+        out = losses.chunked_distillation(s_kl, t_repr, head_s, head_t, kl_mask_kl, targets,
+                                          ce_mask_kl, chunk_size=cfg.chunk_size, vocab_size=vocab,
+                                          **div_kw)
       kl = out["kl"]
       if with_ce:
         ce = out["ce"]
@@ -135,7 +151,10 @@ def mimic_loss(student, teacher, cfg: LossConfig):
       else:
         ce = None
     else:
-      kl = losses.kl_distillation(s_kl, t_repr, kl_mask_kl, **kl_kw)
+      if offline:
+        kl = losses.topk_kl(s_kl[..., :vocab] if vocab else s_kl, *topk, kl_mask_kl, **div_kw)
+      else:
+        kl = losses.distillation_loss(s_kl, t_repr, kl_mask_kl, vocab_size=vocab, **div_kw)
       ce = losses.cross_entropy(s_out.logits, labels)
     aux, aux_metrics = _aux_terms(moe_state, cfg)
     loss = cfg.kl_weight * kl + aux

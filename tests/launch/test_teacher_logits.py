@@ -1,0 +1,210 @@
+"""Stored teacher logits: launch/teacher_logits.py, then the mimic stage with no teacher in memory."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _config(root, **overrides):
+  """configs/mimic.py (the demo, dense-to-sparse, KL + CE + aux) at tiny size on a cache in `root`."""
+  import importlib.util
+
+  from llavamod_jax import demo as demo_lib
+
+  spec = importlib.util.spec_from_file_location("mimic_config", REPO / "configs" / "mimic.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  cfg.demo.cache = str(root / "cache")
+  cfg.demo.teacher_steps, cfg.demo.vision_steps = 4, 3
+  cfg.demo.shapes.update({"num_train": 12, "num_eval": 4, "image_size": 32})
+  if "baseline" in cfg.demo:
+    cfg.demo.baseline = False
+  cfg.total_steps, cfg.log_every, cfg.checkpoint_every, cfg.final_report = 3, 1, 2, False
+  cfg.data.batch_size, cfg.data.max_length = 4, 96
+  for key, value in overrides.items():
+    section, _, field = key.rpartition(".")
+    (cfg[section] if section else cfg)[field] = value
+  return demo_lib.prepare(cfg)
+
+
+def _metrics(workdir):
+  return [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("offline")
+  _config(root)  # builds the demo cache once
+  return root
+
+
+def _store(cfg, out, **kw):
+  from llavamod_jax.train import offline
+  return offline.run(cfg, out, **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk_size", [0, 16])
+def test_full_vocabulary_offline_run_logs_the_online_losses(root, tmp_path, chunk_size):
+  """k = the vocabulary, float32: the offline run's loss, KL, CE and gradient norm at every step
+  equal the online run's (the same gradients, or step 2 would differ)."""
+  from llavamod_jax.train import loop
+
+  online = _config(root, **{"loss.chunk_size": chunk_size})
+  summary = _store(online, tmp_path / "logits", top_k=_teacher_vocab(online),
+                   dtype="float32", records_per_part=8)
+  assert summary["records"] > 0 and not summary["skipped"]
+  loop.run(online, tmp_path / "online")
+  offline = _config(root, **{"loss.chunk_size": chunk_size, "teacher.init": "offline",
+                             "teacher.logits_dir": str(tmp_path / "logits")})
+  loop.run(offline, tmp_path / "offline")
+  a, b = _metrics(tmp_path / "online"), _metrics(tmp_path / "offline")
+  assert [r["step"] for r in b] == [1, 2, 3]
+  for x, y in zip(a, b):
+    for key in ("loss", "kl", "ce", "aux", "grad_norm"):
+      assert y[key] == pytest.approx(x[key], rel=2e-5, abs=1e-6), (x["step"], key)
+  # The offline run records the teacher its logits came from (the final report scores against it).
+  info = json.loads((tmp_path / "offline" / "run.json").read_text())
+  assert info["teacher"] == online.teacher.hf_dir
+
+
+def _teacher_vocab(cfg):
+  from llavamod_jax import hf
+  return hf.load_config(cfg.teacher.hf_dir).text.vocab_size
+
+
+@pytest.mark.slow
+def test_top_k_kl_is_a_lower_bound_and_its_gap_is_reported(root, tmp_path, capsys):
+  """k = 16 in float16: the first step's KL lies below the full KL (the tail bucket merges tokens)
+  and close to it; the gap is printed for the record."""
+  from llavamod_jax.train import loop
+
+  online = _config(root, total_steps=1)
+  summary = _store(online, tmp_path / "logits", top_k=16)
+  # float16 log-probs and int32 ids per k, float32 log-sum-exp, a JSON header per record.
+  assert 16 * 6 + 4 <= summary["bytes_per_token"] < 16 * 6 + 4 + 60
+  loop.run(online, tmp_path / "online")
+  offline = _config(root, total_steps=1, **{"teacher.init": "offline",
+                                             "teacher.logits_dir": str(tmp_path / "logits")})
+  loop.run(offline, tmp_path / "offline")
+  full, top = _metrics(tmp_path / "online")[0]["kl"], _metrics(tmp_path / "offline")[0]["kl"]
+  with capsys.disabled():
+    print(f"\nfirst-step KL: full vocabulary {full:.5f}, top-16 {top:.5f}, gap {full - top:.2e} "
+          f"({(full - top) / full:.2%}), {summary['bytes_per_token']:.1f} bytes per position")
+  assert top <= full + 1e-5
+  assert top > 0.5 * full
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_at_its_first_incomplete_part(root, tmp_path):
+  cfg = _config(root)
+  out = tmp_path / "logits"
+  _store(cfg, out, top_k=8, records_per_part=8)
+  parts = sorted(out.glob("part-*.json"))
+  assert len(parts) >= 3
+  before = {p.name: p.read_bytes() for p in out.glob("part-*")}
+  stamps = {p.name: p.stat().st_mtime_ns for p in parts}
+  # A kill during part 1: its index was never written, its records file is a partial .tmp.
+  parts[1].unlink()
+  (out / parts[1].with_suffix(".array_record").name).rename(
+      out / (parts[1].with_suffix("").name + ".array_record.tmp"))
+  _store(cfg, out, top_k=8, records_per_part=8)
+  after = {p.name: p.read_bytes() for p in out.glob("part-*")}
+  assert after == before  # the same entries, byte for byte
+  assert parts[0].stat().st_mtime_ns == stamps[parts[0].name]  # complete parts are not redone
+  assert parts[2].stat().st_mtime_ns == stamps[parts[2].name]
+  from llavamod_jax.data import teacher_logits
+  with pytest.raises(teacher_logits.TeacherLogitsError, match=r"top_k: stored 8, this run 4"):
+    _store(cfg, out, top_k=4, records_per_part=8)
+
+
+@pytest.mark.slow
+def test_offline_training_resumes_exactly_and_names_what_it_skips(root, tmp_path):
+  """Stopped at step 2 and restarted, the offline run logs the uninterrupted run's losses. A record
+  without stored logits (one whose text changed) is skipped and counted; changed settings are an
+  error naming each of them."""
+  from llavamod_jax.data import pipeline, sources, teacher_logits
+  from llavamod_jax.train import build, loop
+
+  cfg = _config(root)
+  _store(cfg, tmp_path / "logits", top_k=8)
+  offline = lambda **kw: _config(root, **{"teacher.init": "offline",  # noqa: E731
+                                          "teacher.logits_dir": str(tmp_path / "logits"), **kw})
+  loop.run(offline(total_steps=4), tmp_path / "straight")  # checkpoints at steps 2 and 4
+  shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")  # as if killed during step 3
+  loop.run(offline(total_steps=4), tmp_path / "resumed")
+  a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
+  assert [r["step"] for r in b] == [1, 2, 3, 4]
+  for x, y in zip(a, b):
+    for key in ("loss", "kl", "ce", "grad_norm"):
+      assert x[key] == y[key], (x["step"], key)
+
+  lines = Path(cfg.data.train_files[0]).read_text().splitlines()
+  changed = json.loads(lines[0])
+  changed["conversations"][-1]["value"] += " (edited)"
+  data = tmp_path / "changed.jsonl"
+  data.write_text("\n".join([json.dumps(changed), *lines[1:]]) + "\n")
+  c = offline()
+  c.data.train_files = [str(data)]
+  tokenizer = build.tokenizer_for(c)
+  student = build.abstract_model(c.student, c, role="student", tokenizer=tokenizer)
+  reader = build.stored_teacher_logits(c, student)
+  pipe = pipeline.Pipeline(sources.from_files([str(data)], image_root=c.data.image_root),
+                           tokenizer, views=build.views(student, None, "pad"), batch_size=4,
+                           max_length=96, shuffle=False, num_epochs=1, teacher_logits=reader)
+  it = iter(pipe)
+  batches = list(it)
+  assert it.stats()["skipped"] == {"teacher_logits_missing": 1}
+  assert it.stats()["examples"] == len(lines) - 1
+  assert batches[0]["teacher_topk_ids"].shape == (4, batches[0]["input_ids"].shape[1], 8)
+
+  with pytest.raises(teacher_logits.TeacherLogitsError,
+                     match=r"temperature: stored 1.0, this run 2.0; max_length: stored 96"):
+    build.stored_teacher_logits(offline(**{"loss.temperature": 2.0, "data.max_length": 80}),
+                                student)
+
+
+@pytest.mark.slow
+def test_the_command_line(root, tmp_path):
+  """launch/teacher_logits.py on the demo config, then launch/train.py with the offline teacher;
+  bad input is one line and exit code 1."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TRANSFORMERS_VERBOSITY": "error"}
+  tiny = [f"--config.demo.cache={root / 'cache'}", "--config.demo.teacher_steps=4",
+          "--config.demo.vision_steps=3", "--config.demo.shapes.num_train=12",
+          "--config.demo.shapes.num_eval=4", "--config.demo.shapes.image_size=32",
+          "--config.data.batch_size=4", "--config.data.max_length=96"]
+  out = tmp_path / "logits"
+  p = subprocess.run([sys.executable, str(REPO / "launch" / "teacher_logits.py"),
+                      f"--config={REPO / 'configs/mimic.py'}", f"--out={out}", "--top_k=8", *tiny],
+                     cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+  assert "bytes per position" in p.stdout + p.stderr
+  meta = json.loads((out / "meta.json").read_text())
+  assert meta["top_k"] == 8 and meta["summary"]["records"] > 0
+  extra = ["--config.demo.baseline=False"] if "baseline" in (REPO / "llavamod_jax/demo/recipes.py"
+                                                              ).read_text() else []
+  p = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"),
+                      f"--config={REPO / 'configs/mimic.py'}", f"--workdir={tmp_path / 'w'}", *tiny,
+                      *extra, "--config.teacher.init=offline", f"--config.teacher.logits_dir={out}",
+                      "--config.total_steps=2", "--config.log_every=1",
+                      "--config.final_report=False"],
+                     cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+  assert "stored top-8 logits" in p.stdout + p.stderr
+  assert [r["step"] for r in _metrics(tmp_path / "w")] == [1, 2]
+  p = subprocess.run([sys.executable, str(REPO / "launch" / "teacher_logits.py"),
+                      f"--config={REPO / 'configs/mimic.py'}", f"--out={out}", "--top_k=4", *tiny],
+                     cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 1
+  assert p.stderr.strip().splitlines()[-1].startswith("error: --out=")
+  assert "top_k: stored 8, this run 4" in p.stderr
