@@ -61,11 +61,20 @@ def prepare(cfg):
   if student_demo:
     cfg.student.init = "scratch"
     cfg.student.scratch.image_size = d.shapes.image_size
-    if d.student_vision_from_teacher and cfg.teacher.init == "hf":
-      cfg.student.vision_hf_dir = cfg.teacher.hf_dir  # as in the paper: the teacher's frozen tower
+    teacher_dir = cfg.teacher.hf_dir if cfg.teacher.init == "hf" else None
+    if cfg.teacher.init == "offline":  # stored logits: the teacher they were computed with
+      teacher_dir = _stored_logits_teacher(cfg.teacher.logits_dir)
+    if d.student_vision_from_teacher and teacher_dir:
+      cfg.student.vision_hf_dir = teacher_dir  # as in the paper: the teacher's frozen tower
     if not cfg.data.tokenizer:
       cfg.data.tokenizer = str(Path(d.cache) / "tokenizer")
   return cfg
+
+
+def _stored_logits_teacher(logits_dir: str) -> str | None:
+  from llavamod_jax.data import teacher_logits  # noqa: PLC0415
+
+  return teacher_logits.read_meta(logits_dir).get("teacher") if logits_dir else None
 
 
 # ---------------------------------------------------------------------------------------------
