@@ -182,7 +182,7 @@ def validate(c: ml_collections.ConfigDict, *, data: bool = True) -> None:
   if c.teacher.init == "offline":
     if STAGES[c.stage] != "mimic":
       fail("teacher.init", f"'offline' (stored teacher logits) is for the mimic stage, not {c.stage!r}")
-    if not c.teacher.logits_dir:
+    if data and not c.teacher.logits_dir:  # a plan needs only teacher.top_k
       fail("teacher.logits_dir", "required when teacher.init='offline' (launch/teacher_logits.py "
            "writes it)")
   if c.teacher.top_k < 1:

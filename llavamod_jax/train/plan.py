@@ -22,6 +22,7 @@ import math
 import os
 import re
 import time
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from llavamod_jax import models, sharding
-from llavamod_jax.data import pipeline
+from llavamod_jax.data import pipeline, teacher_logits
 from llavamod_jax.train import build, flops, optim, steps
 from llavamod_jax.train import config as config_lib
 from llavamod_jax.train.config import STAGES, LossConfig, validate
@@ -120,13 +121,14 @@ def abstract_state(params, patterns, tx: optax.GradientTransformation, mesh) -> 
       rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated))
 
 
-def abstract_batch(cfg, student, teacher, mesh) -> dict:
+def abstract_batch(cfg, student, teacher, mesh, top_k: int = 0) -> dict:
   """The global batch of one step as the data pipeline makes it (`pipeline.batch_shapes`), padded
-  to data.max_length and sharded over (data, fsdp) as `sharding.batch_to_device` puts it."""
+  to data.max_length and sharded over (data, fsdp) as `sharding.batch_to_device` puts it; `top_k`:
+  with the stored teacher logits (teacher.init=offline)."""
   mode = "preference" if cfg.stage == "preference" else "conversation"
   views = build.views(student, teacher, cfg.data.image_aspect)
   shapes = pipeline.batch_shapes(views, mode, cfg.data.batch_size, cfg.data.max_length,
-                                 cfg.data.images_per_sample)
+                                 cfg.data.images_per_sample, top_k)
   rows = sharding.batch_sharding(mesh)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=rows) for k, (shape, dtype) in
           shapes.items()}
@@ -155,10 +157,17 @@ def plan(cfg, topology: str = "local", *, hbm_bytes: int | None = None, tokenize
   kind = STAGES[cfg.stage]
   devices, hbm = devices_of(topology)
   hbm = hbm_bytes if hbm_bytes is not None else hbm
-  teacher = None
-  if kind in ("mimic", "preference"):
+  teacher, offline = None, cfg.teacher.init == "offline"
+  if kind in ("mimic", "preference") and not offline:
     teacher = build.abstract_model(cfg.teacher, cfg, role="teacher", tokenizer=tokenizer)
   student = build.abstract_model(cfg.student, cfg, role="student", tokenizer=tokenizer)
+  loss_cfg, top_k = LossConfig(**cfg.loss.to_dict()), 0
+  if offline:  # no teacher in memory; its stored top-k comes with the batch
+    top_k, vocab = cfg.teacher.top_k, loss_cfg.vocab_size
+    if cfg.teacher.logits_dir and (Path(cfg.teacher.logits_dir) / teacher_logits.META).exists():
+      meta = teacher_logits.read_meta(cfg.teacher.logits_dir)
+      top_k, vocab = meta["top_k"], meta["vocab_size"]
+    loss_cfg = dataclasses.replace(loss_cfg, vocab_size=vocab)
   try:
     mesh = sharding.make_mesh(cfg.mesh, devices)
     config_lib.resolve_batch(cfg, mesh)  # a per-device batch becomes this slice's global batch
@@ -170,8 +179,8 @@ def plan(cfg, topology: str = "local", *, hbm_bytes: int | None = None, tokenize
   sparams = abstract_params(student, mesh)
   state = abstract_state(sparams, patterns, tx, mesh)
   tparams = abstract_params(teacher, mesh) if teacher is not None else None
-  batch = abstract_batch(cfg, student, teacher, mesh)
-  step = steps.make_train_step(kind, student, teacher, tx, LossConfig(**cfg.loss.to_dict()),
+  batch = abstract_batch(cfg, student, teacher, mesh, top_k)
+  step = steps.make_train_step(kind, student, teacher, tx, loss_cfg,
                                grad_accum_steps=cfg.optimizer.grad_accum_steps, schedule=schedule)
   per_chip = lambda tree: sum(_shard_bytes(x) for x in jax.tree.leaves(tree))  # noqa: E731
   t0 = time.time()
@@ -230,6 +239,7 @@ def plan(cfg, topology: str = "local", *, hbm_bytes: int | None = None, tokenize
       "batch_size": cfg.data.batch_size,
       "max_length": cfg.data.max_length,
       "grad_accum_steps": cfg.optimizer.grad_accum_steps,
+      "teacher": f"stored top-{top_k} logits" if offline else "in memory",
       "attention": {role: attention_impl(cfg[role].attention, devices[0].platform,
                                          cfg[role].dtype)
                     for role in ("student", "teacher") if role == "student" or teacher is not None},
@@ -311,7 +321,8 @@ def summary(report: dict) -> str:
       f"{gib(b['frozen_params'])}, optimizer state {gib(b['optimizer_state'])}, teacher "
       f"{gib(b['teacher_params'])}, batch {gib(b['batch'])}, temporaries {gib(b['temporaries'])}",
       f"  parameters: student {p['student']:,} ({p['student_trainable']:,} trainable), teacher "
-      f"{p['teacher']:,}",
+      + (f"{p['teacher']:,}" if report.get("teacher", "in memory") == "in memory"
+         else f"none in memory ({report['teacher']})"),
       f"  step: {report['tokens_per_step']:,} tokens (batch {report['batch_size']} x "
       f"{report['max_length']}, {report['grad_accum_steps']} micro-batches), "
       f"{report['flops_per_chip']:.3g} model FLOPs per chip; compiled in "

@@ -86,3 +86,23 @@ def test_paper_recipes_keep_the_original_per_device_batch_on_every_slice(path, a
   c.data.batch_size = 16
   with pytest.raises(ValueError, match="set exactly one of them"):
     config_lib.validate(c)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"loss.objective": "kl"}, r"config\.loss\.objective: distillation objective 'kl': expected"),
+    ({"loss.objective": "jsd", "loss.reverse_kl": True}, r"reverse=True with objective='jsd'"),
+    ({"loss.jsd_beta": 1.5}, r"config\.loss\.skew_alpha: .*jsd_beta=1.5: both must lie in \[0, 1\]"),
+    ({"teacher.init": "offline"}, r"config\.teacher\.logits_dir: required when teacher.init='offline'"),
+    ({"teacher.init": "offline", "teacher.logits_dir": "x", "stage": "preference"},
+     r"config\.teacher\.init: 'offline' \(stored teacher logits\) is for the mimic stage"),
+])
+def test_objective_and_offline_teacher_errors_name_the_key(change, message):
+  cfg = config_lib.base()
+  cfg.data.train_files = ["x.jsonl"]
+  cfg.teacher.init = "hf"
+  cfg.teacher.hf_dir = "t"
+  for key, value in change.items():
+    section, field = key.split(".") if "." in key else (None, key)
+    (cfg[section] if section else cfg)[field] = value
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(cfg)

@@ -295,3 +295,20 @@ def test_bf16_compute_with_fp32_params(lms):
       sp, _batch(np.random.default_rng(8)), tp)
   assert float(m["kl"]) == pytest.approx(float(m32["kl"]), rel=0.1, abs=5e-3)
   assert float(m["ce"]) == pytest.approx(float(m32["ce"]), rel=2e-2)
+
+
+@pytest.mark.parametrize("objective", ["reverse_kl", "skew_forward_kl", "jsd", "soft_ce"])
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_mimic_step_distils_with_the_configured_objective(lms, objective, chunk):
+  """config.loss.objective reaches the step: its "kl" is `losses.distillation_loss` of the two
+  models' logits with that objective, alpha and beta, chunked or not."""
+  teacher, tp, student, sp = lms
+  batch = _batch(np.random.default_rng(11))
+  cfg = steps.LossConfig(objective=objective, skew_alpha=0.3, jsd_beta=0.2, temperature=1.5,
+                         chunk_size=chunk)
+  m = steps.make_eval_step("mimic", student, teacher, cfg)(sp, batch, tp)
+  s_logits = student.apply({"params": sp}, batch["input_ids"], None, batch["attention_mask"]).logits
+  t_logits = teacher.apply({"params": tp}, batch["input_ids"], None, batch["attention_mask"]).logits
+  want = losses.distillation_loss(s_logits, t_logits, losses.distill_mask(batch["labels"]),
+                                  objective, 1.5, 0.3, 0.2)
+  assert float(m["kl"]) == pytest.approx(float(want), rel=1e-5)
