@@ -44,6 +44,10 @@ class LossConfig:
   skew_alpha: float = 0.1  # skew objectives: the mixture weight alpha (DistiLLM's 0.1)
   jsd_beta: float = 0.5  # jsd: the generalized JSD's beta (GKD)
   reverse_kl: bool = False  # the older spelling of objective="reverse_kl"
+  # mimic, on-policy distillation (GKD; train/on_policy.py): the fraction of steps whose responses
+  # the student samples itself (temperature 1), and at most this many tokens per sample
+  on_policy_fraction: float = 0.0
+  on_policy_max_new_tokens: int = 64
   shift_mask: bool = True  # False: the original's off-by-one distillation mask
   chunk_size: int = 0  # > 0: KL / CE over sequence chunks of this many positions, no full logits
   vocab_size: int = 0  # distil over the first N logits; 0: the smaller of the two vocabularies
@@ -192,6 +196,13 @@ def validate(c: ml_collections.ConfigDict, *, data: bool = True) -> None:
     losses.objective_of(c.loss.objective, c.loss.reverse_kl)
   except ValueError as e:
     fail("loss.objective", str(e))
+  if not 0.0 <= c.loss.on_policy_fraction <= 1.0 or c.loss.on_policy_max_new_tokens < 1:
+    fail("loss.on_policy_fraction", f"on_policy_fraction={c.loss.on_policy_fraction} must lie in "
+         f"[0, 1] and on_policy_max_new_tokens={c.loss.on_policy_max_new_tokens} be >= 1")
+  if c.loss.on_policy_fraction > 0 and (STAGES[c.stage] != "mimic" or c.teacher.init == "offline"):
+    fail("loss.on_policy_fraction", "on-policy distillation needs the mimic stage with a teacher in "
+         f"memory to score the student's samples (stage {c.stage!r}, teacher.init "
+         f"{c.teacher.init!r})")
   if not 0.0 <= c.loss.skew_alpha <= 1.0 or not 0.0 <= c.loss.jsd_beta <= 1.0:
     fail("loss.skew_alpha", f"skew_alpha={c.loss.skew_alpha}, jsd_beta={c.loss.jsd_beta}: both "
          "must lie in [0, 1]")

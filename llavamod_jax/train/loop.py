@@ -32,7 +32,7 @@ import numpy as np
 from llavamod_jax import checkpoint, distributed, fileutil, sharding
 from llavamod_jax import workdir as workdir_lib
 from llavamod_jax.data import pipeline
-from llavamod_jax.train import build, metrics, optim, steps
+from llavamod_jax.train import build, metrics, on_policy, optim, steps
 from llavamod_jax.train import config as config_lib
 from llavamod_jax.train.config import STAGES, LossConfig, validate
 
@@ -94,6 +94,7 @@ def run(cfg, workdir) -> dict[str, float]:
   train_step = steps.make_train_step(kind, student, teacher, tx, loss_cfg,
                                      grad_accum_steps=cfg.optimizer.grad_accum_steps,
                                      schedule=schedule)
+  sample = on_policy_sampler(cfg, tokenizer, student, teacher)
   evaluate = (held_out_evaluation(cfg, tokenizer, student, teacher, mesh, stored, loss_cfg)
               if cfg.eval_every else None)
 
@@ -121,6 +122,8 @@ def run(cfg, workdir) -> dict[str, float]:
     try:
       while step < cfg.total_steps:
         batch = next(data_iter)
+        if sample is not None:
+          batch = sample(step, state, batch)
         tokens += int(batch["attention_mask"].sum())
         state, step_metrics = train_step(state, sharding.batch_to_device(batch, mesh),
                                          teacher_params)
@@ -206,6 +209,31 @@ def _preemption():
     yield preempted
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+def on_policy_sampler(cfg, tokenizer, student, teacher):
+  """`sample(step, state, batch) -> batch` for on-policy distillation (train/on_policy.py), or None
+  when loss.on_policy_fraction is 0."""
+  fraction = cfg.loss.on_policy_fraction
+  if not fraction:
+    return None
+  if len(build.views(student, teacher, cfg.data.image_aspect)) > 1:
+    raise ValueError("config.loss.on_policy_fraction: the student's samples are scored by the teacher "
+                     "on the same tokens, so both must read images as the same number of tokens")
+  if jax.process_count() > 1:
+    raise ValueError("config.loss.on_policy_fraction: on-policy sampling runs in single-process "
+                     f"runs only (this run has {jax.process_count()} processes)")
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+  def sample(step: int, state: steps.TrainState, batch: dict) -> dict:
+    if not on_policy.draw(cfg.seed, step, fraction):
+      return on_policy.off_policy(batch)
+    return on_policy.sampled_batch(
+        student, state.full_params(), batch, rng=jax.random.fold_in(jax.random.key(cfg.seed), step),
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+        max_new_tokens=cfg.loss.on_policy_max_new_tokens)
+
+  return sample
 
 
 def held_out_evaluation(cfg, tokenizer, student, teacher, mesh, stored=None, loss_cfg=None):

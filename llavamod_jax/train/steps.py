@@ -117,6 +117,11 @@ def mimic_loss(student, teacher, cfg: LossConfig):
     labels = batch["labels"]
     kl_mask = losses.distill_mask(labels, cfg.shift_mask)
     targets, ce_mask = losses.next_token_targets(labels)
+    metrics = {}
+    if "on_policy" in batch:  # the student's own samples are distilled, never CE targets
+      sampled = batch["on_policy"].astype(bool)
+      ce_mask = ce_mask & ~sampled[:, None]
+      metrics["on_policy"] = jnp.mean(sampled.astype(jnp.float32))
     s_repr = s_out.hidden_states if chunked else s_out.logits
     aligned = offline or "teacher_labels" not in batch
     if offline:
@@ -129,7 +134,6 @@ def mimic_loss(student, teacher, cfg: LossConfig):
       else:  # different prompt lengths: pair the response positions of both, in order
         s_kl, t_repr, kl_mask_kl = losses.pair_positions(
             s_repr, kl_mask, t_repr, losses.distill_mask(batch["teacher_labels"], cfg.shift_mask))
-    metrics = {}
     if chunked:
       head_s = lambda h: student.apply({"params": params}, h, method=student.logits)  # noqa: E731
       with_ce = bool(cfg.ce_weight) and aligned  # one pass computes both when positions line up
@@ -155,7 +159,8 @@ def mimic_loss(student, teacher, cfg: LossConfig):
         kl = losses.topk_kl(s_kl[..., :vocab] if vocab else s_kl, *topk, kl_mask_kl, **div_kw)
       else:
         kl = losses.distillation_loss(s_kl, t_repr, kl_mask_kl, vocab_size=vocab, **div_kw)
-      ce = losses.cross_entropy(s_out.logits, labels)
+      ce = jnp.sum(-losses.token_logps(s_out.logits, targets) * ce_mask) / jnp.maximum(
+          jnp.sum(ce_mask.astype(jnp.float32)), 1.0)  # = losses.cross_entropy off-policy
     aux, aux_metrics = _aux_terms(moe_state, cfg)
     loss = cfg.kl_weight * kl + aux
     if ce is not None:

@@ -93,6 +93,8 @@ def test_paper_recipes_keep_the_original_per_device_batch_on_every_slice(path, a
     ({"loss.objective": "jsd", "loss.reverse_kl": True}, r"reverse=True with objective='jsd'"),
     ({"loss.jsd_beta": 1.5}, r"config\.loss\.skew_alpha: .*jsd_beta=1.5: both must lie in \[0, 1\]"),
     ({"teacher.init": "offline"}, r"config\.teacher\.logits_dir: required when teacher.init='offline'"),
+    ({"loss.on_policy_fraction": 0.5, "teacher.init": "offline", "teacher.logits_dir": "x"},
+     r"config\.loss\.on_policy_fraction: on-policy distillation needs the mimic stage with a teacher"),
     ({"teacher.init": "offline", "teacher.logits_dir": "x", "stage": "preference"},
      r"config\.teacher\.init: 'offline' \(stored teacher logits\) is for the mimic stage"),
 ])

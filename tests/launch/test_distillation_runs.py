@@ -1,4 +1,5 @@
-"""Stored teacher logits: launch/teacher_logits.py, then the mimic stage with no teacher in memory."""
+"""Distillation runs beyond the default: stored teacher logits (launch/teacher_logits.py, then the
+mimic stage with no teacher in memory) and on-policy distillation."""
 
 import json
 import os
@@ -208,3 +209,25 @@ def test_the_command_line(root, tmp_path):
   assert p.returncode == 1
   assert p.stderr.strip().splitlines()[-1].startswith("error: --out=")
   assert "top_k: stored 8, this run 4" in p.stderr
+
+
+@pytest.mark.slow
+def test_on_policy_distillation_trains_on_the_students_samples_and_resumes_exactly(root, tmp_path):
+  """loss.on_policy_fraction: the steps drawn train on the student's own samples (no CE on them),
+  the others on the data; stopped and restarted, the run logs the uninterrupted run's losses."""
+  from llavamod_jax.train import loop, on_policy
+
+  kw = {"loss.on_policy_fraction": 0.5, "loss.on_policy_max_new_tokens": 8, "total_steps": 4}
+  drawn = [on_policy.draw(_config(root).seed, s, 0.5) for s in range(4)]
+  assert any(drawn) and not all(drawn)  # seed 0 mixes both kinds of step in 4 steps
+  loop.run(_config(root, **kw), tmp_path / "straight")
+  rows = _metrics(tmp_path / "straight")
+  assert [r["on_policy"] for r in rows] == [float(d) for d in drawn]
+  for r, d in zip(rows, drawn):
+    assert np.isfinite(r["kl"]) and (r["ce"] == 0.0) == d  # every row sampled: no CE at all
+  shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")
+  loop.run(_config(root, **kw), tmp_path / "resumed")
+  for x, y in zip(rows, _metrics(tmp_path / "resumed")):
+    for key in ("loss", "kl", "ce", "grad_norm", "on_policy"):
+      assert x[key] == y[key], (x["step"], key)
