@@ -231,3 +231,41 @@ def test_on_policy_distillation_trains_on_the_students_samples_and_resumes_exact
   for x, y in zip(rows, _metrics(tmp_path / "resumed")):
     for key in ("loss", "kl", "ce", "grad_norm", "on_policy"):
       assert x[key] == y[key], (x["step"], key)
+
+
+@pytest.mark.slow
+def test_two_processes_store_what_one_stores(root, tmp_path):
+  """launch/teacher_logits.py over two processes on loopback (2 CPU devices each), each writing the
+  rows it read, against one process with 4 devices: the same entries under the same keys."""
+  import socket
+
+  from llavamod_jax.data import teacher_logits
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  tiny = [f"--config={REPO / 'configs/mimic.py'}", f"--config.demo.cache={root / 'cache'}",
+          "--config.demo.teacher_steps=4", "--config.demo.vision_steps=3",
+          "--config.demo.shapes.num_train=12", "--config.demo.shapes.num_eval=4",
+          "--config.demo.shapes.image_size=32", "--config.data.batch_size=4",
+          "--config.data.max_length=96", "--top_k=8", "--records_per_part=16"]
+
+  def launch(argvs, devices):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TRANSFORMERS_VERBOSITY": "error",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    procs = [subprocess.Popen([sys.executable, str(REPO / "launch" / "teacher_logits.py"), *a],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for a in argvs]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n---\n".join(o[-2000:] for o in outs)
+
+  launch([[*tiny, f"--out={tmp_path / 'two'}", f"--coordinator_address=127.0.0.1:{port}",
+           "--num_processes=2", f"--process_id={i}"] for i in range(2)], devices=2)
+  launch([[*tiny, f"--out={tmp_path / 'one'}"]], devices=4)
+  assert {p.name[-9:] for p in (tmp_path / "two").glob("part-*.json")} == {"p000.json", "p001.json"}
+  one, two = teacher_logits.Reader(tmp_path / "one"), teacher_logits.Reader(tmp_path / "two")
+  keys = set(one._load_index())
+  assert keys == set(two._load_index()) and len(keys) > 8
+  for key in sorted(keys):
+    for a, b in zip(one.get(key), two.get(key)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=key)
