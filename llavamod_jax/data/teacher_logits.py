@@ -7,6 +7,9 @@ the log-sum-exp of all its logits / T. The mimic stage then trains with no teach
 (`teacher.init=offline`): `Pipeline(..., teacher_logits=Reader(dir))` looks each record up and
 `_Collate` places the values at the student's distilled positions.
 
+DIR may be a gs:// URI (a multi-host run needs a directory every host sees): parts are written to a
+local file first and copied whole, and read back with array_record's own GCS reader.
+
 Layout of DIR:
   meta.json                          the settings every entry was made with (`SETTINGS`), the teacher
                                      it came from, and when done, the counts and bytes per token
@@ -27,12 +30,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from llavamod_jax import fileutil
 from llavamod_jax.data.templates import IGNORE
 
 META = "meta.json"
@@ -88,15 +93,27 @@ def part_name(part: int, process: int) -> str:
   return f"part-{part:05d}-p{process:03d}"
 
 
+def open_records(path: fileutil.AnyPath):
+  """An ArrayRecord reader of `path` (local, or gs:// through array_record's own GCS reader)."""
+  from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
+
+  return ArrayRecordReader(os.fspath(path))
+
+
 class PartWriter:
   """Writes one part of one process: entries to `<name>.array_record`, then the index on close."""
 
-  def __init__(self, directory: str | Path, name: str, dtype: str):
+  def __init__(self, directory: str | os.PathLike, name: str, dtype: str):
     from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
 
-    self.dir, self.name, self.dtype = Path(directory), name, dtype
-    self._tmp = self.dir / f"{name}.array_record.tmp"
-    self._writer = ArrayRecordWriter(str(self._tmp), "group_size:1")
+    self.dir, self.name, self.dtype = fileutil.path(directory), name, dtype
+    if fileutil.is_remote(self.dir):  # written locally, copied whole on close
+      fd, tmp = tempfile.mkstemp(suffix=".array_record")
+      os.close(fd)
+      self._tmp = fileutil.path(tmp)
+    else:
+      self._tmp = self.dir / f"{name}.array_record.tmp"
+    self._writer = ArrayRecordWriter(os.fspath(self._tmp), "group_size:1")
     self.index: dict[str, int] = {}
     self.counts = {"records": 0, "tokens": 0, "bytes": 0, "duplicate_keys": 0}
 
@@ -113,15 +130,22 @@ class PartWriter:
 
   def close(self, extra: dict | None = None) -> None:
     self._writer.close()
-    self._tmp.rename(self.dir / f"{self.name}.array_record")
+    records = self.dir / f"{self.name}.array_record"
+    text = json.dumps({"counts": {**self.counts, **(extra or {})}, "index": self.index})
+    if fileutil.is_remote(self.dir):  # an object appears whole: no renames needed
+      records.write_bytes(self._tmp.read_bytes())
+      self._tmp.unlink()
+      (self.dir / f"{self.name}.json").write_text(text)  # last: it marks the part complete
+      return
+    self._tmp.rename(records)
     index = self.dir / f"{self.name}.json"
     tmp = index.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"counts": {**self.counts, **(extra or {})}, "index": self.index}))
+    tmp.write_text(text)
     tmp.rename(index)  # last: its presence marks the part complete
 
 
-def read_meta(directory: str | Path) -> dict:
-  path = Path(directory) / META
+def read_meta(directory: str | os.PathLike) -> dict:
+  path = fileutil.path(directory) / META
   if not path.is_file():
     raise TeacherLogitsError(f"{path}: not found; config.teacher.logits_dir must be a directory "
                              "written by launch/teacher_logits.py")
@@ -145,11 +169,11 @@ class Reader:
   """Looks entries up by key across every completed part of a directory. Picklable (grain worker
   processes): the index and the ArrayRecord readers are opened lazily, per process and thread."""
 
-  def __init__(self, directory: str | Path):
-    self.dir = Path(directory)
+  def __init__(self, directory: str | os.PathLike):
+    self.dir = fileutil.path(directory)
     self.meta = read_meta(self.dir)
     self._index: dict[str, tuple[int, int]] | None = None
-    self._files: list[Path] = []
+    self._files: list[fileutil.AnyPath] = []
     self._local = threading.local()
     self._lock = threading.Lock()
 
@@ -190,8 +214,7 @@ class Reader:
     if readers is None:
       readers = self._local.readers = {}
     if f not in readers:
-      from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
-      readers[f] = ArrayRecordReader(str(self._files[f]))
+      readers[f] = open_records(self._files[f])
     _, lp, ids, lse = decode_entry(readers[f].read([pos])[0])
     return lp.astype(np.float32), ids, lse
 
@@ -232,11 +255,11 @@ def place(labels: np.ndarray, entry, shift_mask: bool, temperature: float, lengt
   return logits, out_ids, out_lse
 
 
-def summary(directory: str | Path) -> dict[str, Any]:
+def summary(directory: str | os.PathLike) -> dict[str, Any]:
   """Counts over every completed part: records, positions (tokens), bytes, bytes per token."""
   totals: dict[str, Any] = {"parts": 0, "records": 0, "tokens": 0, "bytes": 0, "duplicate_keys": 0,
                             "skipped": {}}
-  for part in sorted(Path(directory).glob("part-*.json")):
+  for part in sorted(fileutil.path(directory).glob("part-*.json")):
     counts = json.loads(part.read_text())["counts"]
     totals["parts"] += 1
     for key in ("records", "tokens", "bytes", "duplicate_keys"):

@@ -17,13 +17,12 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llavamod_jax import distributed, losses, models, sharding
+from llavamod_jax import distributed, fileutil, losses, models, sharding
 from llavamod_jax.data import pipeline, sources
 from llavamod_jax.data import teacher_logits as store
 from llavamod_jax.train import build
@@ -112,7 +111,7 @@ def run(cfg, out_dir, *, top_k: int | None = None, dtype: str = "float16",
   if dtype not in store.DTYPES:
     raise ValueError(f"dtype {dtype!r}: expected one of {store.DTYPES}")
   top_k = top_k or cfg.teacher.top_k
-  out = Path(out_dir)
+  out = fileutil.path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
 
   tokenizer = build.tokenizer_for(cfg)
@@ -124,7 +123,7 @@ def run(cfg, out_dir, *, top_k: int | None = None, dtype: str = "float16",
     raise ValueError(f"--top_k={top_k}: expected 1 .. {vocab} (the distilled vocabulary)")
   files = list(dict.fromkeys([*cfg.data.train_files, *cfg.data.eval_files]))
   source = sources.from_files(files, image_root=cfg.data.image_root or None, kind="conversation")
-  want = {**settings(cfg, top_k, vocab, dtype), "files": [str(Path(f).resolve()) for f in files]}
+  want = {**settings(cfg, top_k, vocab, dtype), "files": [fileutil.absolute(f) for f in files]}
   meta_path = out / store.META
   if meta_path.exists():
     store.check_settings(store.read_meta(out), want, f"--out={out}")

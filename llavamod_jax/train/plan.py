@@ -22,14 +22,13 @@ import math
 import os
 import re
 import time
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from llavamod_jax import models, sharding
+from llavamod_jax import fileutil, models, sharding
 from llavamod_jax.data import pipeline, teacher_logits
 from llavamod_jax.train import build, flops, optim, steps
 from llavamod_jax.train import config as config_lib
@@ -164,7 +163,8 @@ def plan(cfg, topology: str = "local", *, hbm_bytes: int | None = None, tokenize
   loss_cfg, top_k = LossConfig(**cfg.loss.to_dict()), 0
   if offline:  # no teacher in memory; its stored top-k comes with the batch
     top_k, vocab = cfg.teacher.top_k, loss_cfg.vocab_size
-    if cfg.teacher.logits_dir and (Path(cfg.teacher.logits_dir) / teacher_logits.META).exists():
+    stored = cfg.teacher.logits_dir and fileutil.path(cfg.teacher.logits_dir) / teacher_logits.META
+    if stored and stored.exists():
       meta = teacher_logits.read_meta(cfg.teacher.logits_dir)
       top_k, vocab = meta["top_k"], meta["vocab_size"]
     loss_cfg = dataclasses.replace(loss_cfg, vocab_size=vocab)

@@ -275,3 +275,40 @@ def test_two_processes_store_what_one_stores(root, tmp_path):
   for key in sorted(keys):
     for a, b in zip(one.get(key), two.get(key)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.slow
+def test_stored_logits_in_a_bucket(root, tmp_path, monkeypatch):
+  """--out=gs://...: parts are written locally and copied whole, the index last; the bucket reads
+  back what a local directory holds (array_record's own GCS reader is mapped onto the mock)."""
+  from mock_bucket import mock_bucket
+
+  from llavamod_jax.data import teacher_logits
+
+  cfg = _config(root)
+  _store(cfg, tmp_path / "local", top_k=8, records_per_part=16)
+  gcs = tmp_path / "gcs"
+  gcs.mkdir()
+  opened = []
+  real_open = teacher_logits.open_records
+
+  def mapped(path):
+    if not str(path).startswith("gs://"):
+      return real_open(path)
+    opened.append(str(path))
+    return real_open(str(gcs / str(path)[len("gs://"):]))
+
+  monkeypatch.setattr(teacher_logits, "open_records", mapped)
+  with mock_bucket(gcs, monkeypatch):
+    _store(_config(root), "gs://bucket/logits", top_k=8, records_per_part=16)
+    assert not list((gcs / "bucket" / "logits").glob("*.tmp"))
+    local = teacher_logits.Reader(tmp_path / "local")
+    remote = teacher_logits.Reader("gs://bucket/logits")
+    keys = sorted(local._load_index())
+    assert keys == sorted(remote._load_index())
+    for key in keys:
+      for a, b in zip(local.get(key), remote.get(key)):
+        np.testing.assert_array_equal(a, b)
+  assert opened and all(p.startswith("gs://bucket/logits/part-") for p in opened)
+  assert (json.loads((gcs / "bucket/logits/meta.json").read_text())["summary"]
+          == json.loads((tmp_path / "local/meta.json").read_text())["summary"])
