@@ -65,7 +65,13 @@ def topk_fn(teacher, prefix: str, *, top_k: int, vocab: int, temperature: float,
     hidden, live = losses.trained_first(mask, out.hidden_states, mask)
     b, s = live.shape
     size = min(chunk_size, s)
-    hc, lc = losses._chunks(hidden, size), losses._chunks(live, size)  # [C, B, size, ...]
+    n = -(-s // size)
+
+    def chunks(x):  # [B, S, ...] -> [C, B, size, ...], zero-padded at the end
+      x = jnp.pad(x, [(0, 0), (0, n * size - s)] + [(0, 0)] * (x.ndim - 2))
+      return jnp.moveaxis(x.reshape(b, n, size, *x.shape[2:]), 1, 0)
+
+    hc, lc = chunks(hidden), chunks(live)
 
     def compute(h):
       logits = teacher.apply({"params": params}, h, method=teacher.logits)
