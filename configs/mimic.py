@@ -41,6 +41,7 @@ def get_config(arg=None):
     s.hidden_size, s.intermediate_size, s.num_layers = 64, 128, 2
     # The demo student's LLM is not pretrained, so all of it trains.
     c.trainable = "dense_to_dense"
+    c.demo.baseline = True  # the report's "student (CE alone)" row: what distilling adds
   c.stage = "mimic"
   if arg.startswith("d2s"):
     c.student.upcycle.num_experts = 4

@@ -3,8 +3,10 @@ r"""Train one stage of LLaVA-MoD.
     python launch/train.py --config=configs/mimic.py [--workdir=DIR] [--config.optimizer.lr=1e-4]
 
 With no flag but the config, the embedded default runs: it builds the synthetic shapes set, trains
-(or reuses) a tiny teacher, upcycles a tiny student and distils it. Restarting with the same workdir
-resumes from its latest checkpoint. The workdir defaults to workdirs/<stage>.
+(or reuses) a tiny teacher, upcycles a tiny student and distils it, then trains the same student
+with CE alone and no teacher in WORKDIR/baseline_ce (config.demo.baseline) and reports the three
+side by side. Restarting with the same workdir resumes from its latest checkpoint (the baseline's
+too). The workdir defaults to workdirs/<stage>.
 
 Several processes (one per host; JAX's multi-controller runtime). Start the same command on every
 host; each one reads only its rows of every global batch, so config.data.batch_size stays the global
@@ -73,9 +75,17 @@ def main(argv):
     from llavamod_jax import demo
     cfg = demo.prepare(cfg)
   workdir = _WORKDIR.value or f"workdirs/{cfg.stage}"
+  if "demo" in cfg and cfg.demo.baseline and cfg.stage != "mimic":
+    raise app.UsageError(f"--config.demo.baseline=True: the CE-alone baseline is the mimic stage's "
+                         f"(this config's stage is {cfg.stage!r})")
   loop.run(cfg, workdir)
+  baselines = {}
+  if "demo" in cfg and cfg.demo.baseline:  # the same student with CE alone: what distilling adds
+    from llavamod_jax.demo import recipes
+    baselines["student_ce_alone"] = f"{workdir}/baseline_ce"
+    loop.run(recipes.ce_alone(cfg), baselines["student_ce_alone"])
   if cfg.final_report:
-    report.final_report(cfg, workdir)
+    report.final_report(cfg, workdir, baselines=baselines)
 
 
 def _local_device_ids() -> list[int] | None:

@@ -19,6 +19,9 @@ def section() -> ml_collections.ConfigDict:
       "teacher_steps": 1600,  # training steps of the demo teacher when it is not cached yet
       "vision_steps": 600,  # the teacher's vision-tower pretraining steps (0: none; tower.py)
       "student_vision_from_teacher": True,  # the student starts from the teacher's frozen tower
+      # After the run, also train its student with CE alone (`ce_alone`) in WORKDIR/baseline_ce,
+      # reported beside it: what distillation adds (mimic only).
+      "baseline": False,
       # The synthetic shapes set; `file` is the training file of conversation stages.
       "shapes": {"num_train": 4000, "num_eval": 200, "image_size": 64, "file": "train.jsonl"},
   })
@@ -33,6 +36,16 @@ def config(stage: str) -> ml_collections.ConfigDict:
   c.teacher.init = "demo" if stage in ("mimic", "preference") else "none"
   for src in (c.student, c.teacher):
     src.scratch.initializer_range = DEMO_INITIAL_STD
+  return c
+
+
+def ce_alone(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A prepared mimic config's baseline: the same student (init, seed, upcycling, trainable
+  parameters), data, steps and optimizer, trained with next-token CE alone and no teacher."""
+  c = cfg.copy_and_resolve_references()
+  c.stage = "adaptor"  # a stage of the sft step kind (train/config.py STAGES): CE + MoE aux loss
+  c.teacher.init = "none"
+  c.loss.on_policy_fraction = 0.0  # the student's own samples are distillation's (GKD)
   return c
 
 

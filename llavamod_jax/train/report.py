@@ -15,6 +15,7 @@ from llavamod_jax import evaluation, fileutil, workdir as workdir_lib
 from llavamod_jax.models.configs import LlavaConfig
 
 log = logging.getLogger(__name__)
+ROW_NAMES = {"student_ce_alone": "student (CE alone)"}  # report.json key -> the table's row
 
 
 def activated_parameters(model, params) -> int:
@@ -37,8 +38,11 @@ def _quality(model, params, tokenizer, info, records, batch_size: int) -> dict:
   return metrics
 
 
-def final_report(cfg, workdir, *, limit: int = 200, batch_size: int = 16) -> dict:
+def final_report(cfg, workdir, *, baselines: dict | None = None, limit: int = 200,
+                 batch_size: int = 16) -> dict:
   """Evaluate the run's student (and its teacher) on the held-out split; writes report.json.
+  `baselines` ({name: workdir}) are other students scored beside it on the same records, their KL
+  to this run's teacher included (the demo's student trained with CE alone).
   Every process of a multi-process run computes it (orbax reads are collective; the evaluation runs
   on each process's own devices); process 0 writes and prints it. `workdir` may be a gs:// URI."""
   workdir = fileutil.path(workdir)
@@ -47,14 +51,19 @@ def final_report(cfg, workdir, *, limit: int = 200, batch_size: int = 16) -> dic
     log.info("final report: no data.report_files or data.eval_files, nothing to score")
     return {}
   student, sparams, tokenizer, info = workdir_lib.load_model(workdir)
+  students = {"student": (student, sparams)}
+  for name, other in (baselines or {}).items():
+    students[name] = workdir_lib.load_model(other)[:2]
   records = evaluation.read_records(files, image_root=cfg.data.image_root or None, limit=limit)
-  report = {"student": _quality(student, sparams, tokenizer, info, records, batch_size)}
+  report = {name: _quality(model, params, tokenizer, info, records, batch_size)
+            for name, (model, params) in students.items()}
   if info.teacher:
     teacher, tparams, ttok, tinfo = workdir_lib.load_model(info.teacher)
     report["teacher"] = _quality(teacher, tparams, ttok, tinfo, records, batch_size)
-    batches = evaluation.kl_batches(tokenizer, info, tinfo, records, batch_size=batch_size)
-    report["student"]["kl_to_teacher"] = {
-        "kl": evaluation.kl_to_teacher(student, sparams, teacher, tparams, batches)["kl"]}
+    for name, (model, params) in students.items():
+      batches = evaluation.kl_batches(tokenizer, info, tinfo, records, batch_size=batch_size)
+      report[name]["kl_to_teacher"] = {
+          "kl": evaluation.kl_to_teacher(model, params, teacher, tparams, batches)["kl"]}
   if jax.process_index() == 0:
     (workdir / "report.json").write_text(json.dumps(report, indent=2))
     print(table(report))
@@ -68,7 +77,7 @@ def table(report: dict) -> str:
   rows = []
   for name, m in report.items():
     pope = m.get("pope", {})
-    rows.append([name, *(f"{m[t]['exact_match']:.3f}" for t in tasks),
+    rows.append([ROW_NAMES.get(name, name), *(f"{m[t]['exact_match']:.3f}" for t in tasks),
                  f"{pope.get('accuracy', float('nan')):.3f}", f"{pope.get('f1', float('nan')):.3f}",
                  f"{pope.get('yes_ratio', float('nan')):.3f}", f"{m['params']['activated']:,}",
                  f"{m['kl_to_teacher']['kl']:.4f}" if "kl_to_teacher" in m else "-"])

@@ -24,7 +24,8 @@ TINY = [f"--config={REPO / 'configs/mimic.py'}", f"--config.total_steps={STEPS}"
         "--config.log_every=1", "--config.checkpoint_every=2", "--config.final_report=False",
         "--config.demo.shapes.num_train=24", "--config.demo.shapes.num_eval=4",
         "--config.demo.shapes.image_size=32", "--config.demo.shapes.file=captions_train.jsonl",
-        "--config.data.batch_size=4", "--config.data.max_length=128", "--config.optimizer.lr=1e-2"]
+        "--config.data.batch_size=4", "--config.data.max_length=128", "--config.optimizer.lr=1e-2",
+        "--config.demo.baseline=False"]
 KEYS = ("loss", "kl", "ce", "aux", "grad_norm")
 
 

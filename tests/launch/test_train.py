@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ TINY = [  # a few steps of tiny models on a small synthetic set
     "--config.demo.shapes.num_train=48",
     "--config.demo.shapes.num_eval=8", "--config.data.batch_size=4", "--config.final_report=False",
     "--config.data.max_length=96", "--config.demo.shapes.image_size=32",
+    "--config.demo.baseline=False",  # the demo fixture's run alone trains the CE-alone student
 ]
 
 
@@ -41,7 +43,8 @@ def demo(tmp_path_factory):
   """The demo chain in one cache: mimic (training the tiny teacher first), then preference."""
   root = tmp_path_factory.mktemp("demo")
   cache = f"--config.demo.cache={root / 'cache'}"
-  _train([f"--config={REPO / 'configs/mimic.py'}", f"--workdir={root / 'mimic'}", cache, *TINY], root)
+  _train([f"--config={REPO / 'configs/mimic.py'}", f"--workdir={root / 'mimic'}", cache, *TINY,
+          "--config.demo.baseline=True"], root)
   return root, cache
 
 
@@ -62,6 +65,51 @@ def test_mimic_stage_runs_and_writes_its_workdir(demo):
   assert (root / "cache" / "teacher_hf" / "config.json").exists()  # the demo teacher, cached
   for art, marker in (("teacher_hf", "config.json"), ("tokenizer", "tokenizer.json")):
     assert assets.is_cached(root / "cache" / art, marker)  # stamped: shapes version and recipe
+
+
+@pytest.mark.slow
+def test_ce_alone_baseline_is_the_same_student_without_a_teacher(demo):
+  """WORKDIR/baseline_ce: the distilled run's student, data, steps and optimizer with CE alone.
+  d2s distils with KL + CE (weight 1), so both runs' first step computes the same CE and aux loss
+  on the same batch from the same parameters; from the first update on they part."""
+  root, _ = demo
+  work, base = root / "mimic", root / "mimic" / "baseline_ce"
+  distilled, alone = _metrics(work), _metrics(base)
+  assert [r["step"] for r in alone] == list(range(1, 9))
+  assert not any("kl" in r for r in alone) and all(np.isfinite(r["ce"]) for r in alone)
+  assert json.loads((base / "run.json").read_text())["teacher"] is None
+  cfg, base_cfg = (json.loads((w / "config.json").read_text()) for w in (work, base))
+  assert base_cfg["teacher"]["init"] == "none" and cfg["loss"]["ce_weight"] == 1.0
+  for key in ("seed", "total_steps", "trainable", "student", "optimizer", "data"):
+    assert base_cfg[key] == cfg[key], key
+  for key in ("ce", "aux", "moe/max_expert_load"):
+    assert alone[0][key] == pytest.approx(distilled[0][key], rel=1e-5), key
+  assert alone[1]["ce"] != pytest.approx(distilled[1]["ce"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_ce_alone_baseline_resumes_and_is_reported(demo):
+  """With its last checkpoint gone, a restart trains the baseline's last steps again (the distilled
+  run is complete) and logs what it logged before; the report then scores it beside the others."""
+  root, cache = demo
+  work, base = root / "mimic", root / "mimic" / "baseline_ce"
+  before = _metrics(base)
+  shutil.rmtree(base / "checkpoints" / "8")
+  p = _train([f"--config={REPO / 'configs/mimic.py'}", f"--workdir={work}", cache, *TINY,
+              "--config.demo.baseline=True", "--config.final_report=True"], root)
+  assert f"resumed from {base}/checkpoints/6" in p.stdout + p.stderr
+  after = _metrics(base)
+  assert [r["step"] for r in after] == list(range(1, 9))
+  for a, b in zip(before, after):
+    for key in ("loss", "ce", "aux", "grad_norm", "learning_rate"):
+      assert a[key] == b[key], (a["step"], key, a[key], b[key])
+  report = json.loads((work / "report.json").read_text())
+  assert list(report) == ["student", "student_ce_alone", "teacher"]
+  for name in ("student", "student_ce_alone"):
+    assert report[name]["kl_to_teacher"]["kl"] > 0, name
+    assert report[name]["params"] == report["student"]["params"]
+  assert report["student_ce_alone"]["kl_to_teacher"] != report["student"]["kl_to_teacher"]
+  assert "| student (CE alone) |" in p.stdout
 
 
 @pytest.mark.slow
