@@ -78,27 +78,32 @@ class SafetensorsFile:
 
 
 class Checkpoint:
-  """All safetensors files of a Hugging Face model directory (single file or sharded with an index)."""
+  """All weight files of a Hugging Face model directory: safetensors (single file or sharded with an
+  index), else PyTorch `pytorch_model*.bin` (read without torch: `torch_pickle`)."""
 
   def __init__(self, directory: str | os.PathLike):
+    from llavamod_jax.hf import torch_pickle  # noqa: PLC0415
+
     self.directory = Path(directory)
-    index = self.directory / INDEX_NAME
-    single = self.directory / SINGLE_NAME
-    if index.exists():
-      weight_map = json.loads(index.read_text())["weight_map"]
-      files = {name: SafetensorsFile(self.directory / name) for name in sorted(set(weight_map.values()))}
-      self._where = {}
-      for key, name in weight_map.items():
-        if key not in files[name].keys():
-          raise ValueError(f"{index}: lists {key!r} in {name}, which does not contain it")
-        self._where[key] = files[name]
-    elif single.exists():
-      f = SafetensorsFile(single)
-      self._where = {k: f for k in f.keys()}
-    else:
-      others = sorted(p.name for p in self.directory.glob("*.bin")) if self.directory.is_dir() else []
-      hint = (f" (found {others}: convert PyTorch .bin weights to safetensors first)" if others else "")
-      raise FileNotFoundError(f"{self.directory}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
+    for index_name, single_name, reader in ((INDEX_NAME, SINGLE_NAME, SafetensorsFile),
+                                            (torch_pickle.INDEX_NAME, torch_pickle.SINGLE_NAME,
+                                             torch_pickle.TorchFile)):
+      index, single = self.directory / index_name, self.directory / single_name
+      if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: reader(self.directory / name) for name in sorted(set(weight_map.values()))}
+        self._where = {}
+        for key, name in weight_map.items():
+          if key not in files[name].keys():
+            raise ValueError(f"{index}: lists {key!r} in {name}, which does not contain it")
+          self._where[key] = files[name]
+        return
+      if single.exists():
+        f = reader(single)
+        self._where = {k: f for k in f.keys()}
+        return
+    raise FileNotFoundError(f"{self.directory}: no {SINGLE_NAME}, {INDEX_NAME}, "
+                            f"{torch_pickle.SINGLE_NAME} or {torch_pickle.INDEX_NAME}")
 
   def keys(self) -> list[str]:
     return list(self._where)

@@ -128,6 +128,30 @@ def test_sharded_checkpoints_both_ways(tmp_path, torch):
                          tiny_hf.torch_logits(ref, ids, pixel_values=pix)) < 1e-6
 
 
+@pytest.mark.parametrize("shards", [1, 3])
+def test_pytorch_bin_checkpoints_load_without_torch(shards, tmp_path, torch):
+  """`pytorch_model.bin`, or shards with `pytorch_model.bin.index.json`, written by `torch.save` of
+  the model's state dict (as older transformers and the original LLaVA code save), load to the
+  parameters of the same model's safetensors."""
+  ref = tiny_hf.llava("clip", "qwen2", seed=21)
+  _, want = hf.load(tiny_hf.save(ref, tmp_path / "st"))
+  bins = tmp_path / "bin"
+  ref.config.save_pretrained(bins)
+  state = ref.state_dict()
+  if shards == 1:
+    torch.save(state, bins / "pytorch_model.bin")
+  else:
+    keys, weight_map = list(state), {}
+    for i in range(shards):
+      name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+      part = keys[i::shards]
+      torch.save({k: state[k] for k in part}, bins / name)
+      weight_map.update({k: name for k in part})
+    (bins / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  _, got = hf.load(bins)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), got, want))
+
+
 @pytest.mark.parametrize("disk_dtype", ["bfloat16", "float16"])
 def test_half_precision_checkpoints(disk_dtype, tmp_path, torch):
   import transformers
@@ -229,7 +253,7 @@ def test_no_config_or_no_weights(good, tmp_path):
   with pytest.raises(FileNotFoundError, match="no config.json"):
     hf.load(tmp_path)
   (good / "model.safetensors").unlink()
-  with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+  with pytest.raises(FileNotFoundError, match="no model.safetensors, .*pytorch_model.bin"):
     hf.load(good)
 
 
