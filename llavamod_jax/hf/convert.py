@@ -25,10 +25,10 @@ import numpy as np
 from flax import traverse_util
 
 from llavamod_jax import fileutil, models, sharding
-from llavamod_jax.hf import families
+from llavamod_jax.hf import families, original
 from llavamod_jax.hf.safetensors_io import INDEX_NAME, SINGLE_NAME, Checkpoint, plan_shards, write_file
 from llavamod_jax.models import scan
-from llavamod_jax.models.configs import to_dtype
+from llavamod_jax.models.configs import LlavaConfig, to_dtype
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,14 @@ def read_config(path: str | os.PathLike) -> dict:
     raise ValueError(f"{cfg_path}: invalid JSON: {e}") from None
 
 
-def load_config(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32"):
-  """Our model config for an HF directory (no weights read)."""
+def load_config(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32",
+                vision_dir: str | os.PathLike | None = None):
+  """Our model config for an HF directory (no weights read); `vision_dir`: the image tower's
+  directory of an original-code LLaVA whose config names it by hub id (hf/original.py)."""
   d = read_config(path)
   return families.config_from_hf(d, str(Path(path) / "config.json"), dtype, param_dtype,
-                                 source=str(Path(path).resolve()))
+                                 source=str(Path(path).resolve()),
+                                 vision_dir=os.fspath(vision_dir) if vision_dir else None)
 
 
 def _plan(ckpt: Checkpoint, cfg, expected: dict, where: str):
@@ -183,17 +186,21 @@ def _assemble(ckpt: Checkpoint, parts) -> np.ndarray:
 
 
 def load(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32",
-         mesh=None, rules=None, shardings=None, remat: bool = False):
+         mesh=None, rules=None, shardings=None, remat: bool = False,
+         vision_dir: str | os.PathLike | None = None):
   """Load an HF model directory -> (flax module, params).
 
   Args:
-    path: a directory with config.json and model.safetensors (or a sharded index).
+    path: a directory with config.json and model.safetensors (or a sharded index, or
+      pytorch_model*.bin): transformers' layout, or the original LLaVA-MoD / LLaVA-1.5 code's.
+    vision_dir: an original-code LLaVA's image tower directory (CLIP), when its config names the
+      tower by hub id; its weights are read from there when the checkpoint lacks them.
     dtype: compute dtype of the module. param_dtype: dtype the weights are stored in.
     mesh, rules: place each parameter by its logical axes (default rules: `sharding.DEFAULT_RULES`).
     shardings: or an explicit tree of `jax.sharding.Sharding`, same structure as the params.
     remat: rematerialise decoder/encoder layers in the backward pass.
   """
-  cfg = load_config(path, dtype=dtype, param_dtype=param_dtype)
+  cfg = load_config(path, dtype=dtype, param_dtype=param_dtype, vision_dir=vision_dir)
   if remat:
     cfg = _with_remat(cfg)
   model = models.build(cfg)
@@ -204,11 +211,14 @@ def load(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = 
   flat_shardings = traverse_util.flatten_dict(shardings, sep="/") if shardings is not None else {}
 
   ckpt = Checkpoint(path)
+  pdtype = to_dtype(param_dtype)
+  tower = _separate_tower(ckpt, cfg, vision_dir, str(path), param_dtype)
+  if tower is not None:  # LLaVA-1.5 saves no tower: its weights are the CLIP directory's
+    expected = {k: v for k, v in expected.items() if not k.startswith("vision_tower/")}
   plan, ignored = _plan(ckpt, cfg, expected, str(path))
   if ignored:
     log.info("%s: skipped %d tensors that are not parameters of this model: %s", path, len(ignored),
              ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else ""))
-  pdtype = to_dtype(param_dtype)
   flat = {}
   for p, parts in plan.items():
     host = _assemble(ckpt, parts)
@@ -217,7 +227,33 @@ def load(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = 
           host.shape, flat_shardings[p], lambda idx, a=host: np.asarray(a[idx]).astype(pdtype))
     else:
       flat[p] = jnp.asarray(np.asarray(host).astype(pdtype))
-  return model, traverse_util.unflatten_dict(flat, sep="/")
+  params = traverse_util.unflatten_dict(flat, sep="/")
+  if tower is not None:
+    params["vision_tower"] = tower
+  return model, params
+
+
+def _separate_tower(ckpt: Checkpoint, cfg, vision_dir, where: str, param_dtype: str):
+  """The tower parameters of an original-code LLaVA whose checkpoint holds none of its tower
+  (read from its CLIP directory), else None."""
+  if not isinstance(cfg, LlavaConfig) or "original_model_type" not in json.loads(cfg.hf_extra):
+    return None
+  routes = families.LLAVA_ROUTES
+  if any((families.route(k, routes) or ("",))[0] == "vision_tower" for k in ckpt.keys()):
+    return None
+  directory = original.vision_dir_of(cfg, os.fspath(vision_dir) if vision_dir else None)
+  if directory is None:
+    raise ValueError(f"{where}: the checkpoint holds no image tower weights and its config names "
+                     f"the tower {json.loads(cfg.hf_extra).get('image_tower')!r}: give the tower's "
+                     "directory (hf.load(..., vision_dir=DIR); in a run config, vision_hf_dir)")
+  vmodel, vparams = load(directory, param_dtype=param_dtype)
+  tower = vparams["vision_tower"] if isinstance(vmodel.cfg, LlavaConfig) else vparams
+  got = jax.tree.map(lambda x: x.shape, tower)
+  want = jax.tree.map(lambda x: x.shape, nn.unbox(models.abstract_params(models.build(cfg)))[
+      "vision_tower"])
+  if got != want:
+    raise ValueError(f"{where}: the tower in {directory} does not have the shapes its config implies")
+  return tower
 
 
 def _with_remat(cfg):

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from llavamod_jax.hf import original
 from llavamod_jax.models.configs import LlavaConfig, TextConfig, VisionConfig
 
 TEXT_TYPES = ("qwen2", "llama", "qwen2_moe")
@@ -57,6 +58,10 @@ DECODER = [
     ("model.layers.{i}.mlp.experts.gate_up_proj", "layers_{i}/mlp/experts/gate_proj", "fused_gate"),
     ("model.layers.{i}.mlp.experts.gate_up_proj", "layers_{i}/mlp/experts/up_proj", "fused_up"),
     ("model.layers.{i}.mlp.experts.down_proj", "layers_{i}/mlp/experts/down_proj", "expert_linear"),
+    # The original code's DeepSpeed MoE layers (hf/original.py).
+    ("model.layers.{i}.mlp.deepspeed_moe.gate.wg.weight", "layers_{i}/mlp/router", "linear"),
+    *[(f"model.layers.{{i}}.mlp.deepspeed_moe.experts.deepspeed_experts.{{e}}.{n}.weight",
+       f"layers_{{i}}/mlp/experts/{n}", "linear") for n in ("gate_proj", "up_proj", "down_proj")],
 ]
 # Qwen2-MoE's shared expert, always empty in our students (shared_expert_intermediate_size=0).
 SHARED_EXPERT = (r"model\.layers\.\d+\.mlp\.shared_expert\.(gate|up|down)_proj\.weight",
@@ -84,7 +89,9 @@ VISION = [
     *_linear("head.mlp.fc2", "head/mlp/fc2", True),
 ]
 
-PROJECTOR = [*_linear("linear_1", "linear_1", True), *_linear("linear_2", "linear_2", True)]
+PROJECTOR = [*_linear("linear_1", "linear_1", True), *_linear("linear_2", "linear_2", True),
+             # the original code's nn.Sequential(Linear, GELU, Linear)
+             *_linear("0", "linear_1", True), *_linear("2", "linear_2", True)]
 
 # Tensors a checkpoint may hold that are not parameters of the model we build (skipped and counted);
 # regular expressions over component-relative keys.
@@ -98,6 +105,11 @@ CLIP_MODEL_IGNORED_PREFIXES = ("text_model.", "text_projection.", "visual_projec
 # ----------------------------------------------------------------------------------------------
 
 LLAVA_ROUTES = [  # (accepted prefix, component, prefix of the relative key)
+    # The original code (hf/original.py): LLaVA-MoD / MoE-LLaVA, then LLaVA-1.5.
+    ("model.image_tower.image_tower.vision_model.", "vision_tower", ""),
+    ("model.mm_projector.image_spatial_proj.", "multi_modal_projector", ""),
+    ("model.vision_tower.vision_tower.vision_model.", "vision_tower", ""),
+    ("model.mm_projector.", "multi_modal_projector", ""),
     ("language_model.model.", "language_model", "model."),
     ("language_model.lm_head.", "language_model", "lm_head."),
     ("model.language_model.", "language_model", "model."),
@@ -108,6 +120,7 @@ LLAVA_ROUTES = [  # (accepted prefix, component, prefix of the relative key)
     ("vision_tower.", "vision_tower", ""),
     ("model.multi_modal_projector.", "multi_modal_projector", ""),
     ("multi_modal_projector.", "multi_modal_projector", ""),
+    ("model.", "language_model", "model."),  # the original's language model, last: the catch-all
 ]
 VISION_ROUTES = [("vision_model.", "", ""), ("", "", "")]  # transformers 5 drops "vision_model."
 TEXT_ROUTES = [("", "", "")]
@@ -342,9 +355,13 @@ def llava_to_hf(cfg: LlavaConfig, dtype: str) -> dict[str, Any]:
   return d
 
 
-def config_from_hf(d: dict[str, Any], where: str, dtype: str, param_dtype: str, source: str = ""):
-  """Our model config for an HF config dict (LLaVA, causal LM, or a CLIP/SigLIP tower)."""
+def config_from_hf(d: dict[str, Any], where: str, dtype: str, param_dtype: str, source: str = "",
+                   vision_dir: str | None = None):
+  """Our model config for an HF config dict (LLaVA, causal LM, or a CLIP/SigLIP tower), or for the
+  original code's LLaVA config (hf/original.py; `vision_dir`: its image tower's directory)."""
   model_type = d.get("model_type")
+  if original.is_original(d):
+    return original.llava_config(d, where, dtype, param_dtype, source, vision_dir)
   if model_type == "llava":
     return llava_from_hf(d, where, dtype, param_dtype, source)
   if model_type in TEXT_TYPES:
