@@ -4,6 +4,11 @@ Hugging Face -> Orbax (step 0 unless --step):
   python launch/convert.py --hf_dir=DIR --ckpt_dir=CKPT [--dtype=bfloat16] [--param_dtype=float32]
 Orbax -> Hugging Face (latest step unless --step):
   python launch/convert.py --ckpt_dir=CKPT --out_hf_dir=OUT [--dtype=bfloat16] [--overwrite]
+The original LLaVA-MoD / MoE-LLaVA / LLaVA-1.5 code's checkpoint -> a plain transformers LLaVA (no
+custom code, no DeepSpeed; llavamod_jax/hf/original.py):
+  python launch/convert.py --from_original=DIR --out_hf_dir=OUT [--vision_dir=CLIP_DIR] [--dtype=...]
+  --vision_dir: the image tower's directory when the checkpoint's config names it by hub id (needed
+  when the checkpoint holds no tower weights, as LLaVA-1.5's).
 
 --dtype is the module's compute dtype when reading HF, and the dtype of the written tensors when
 writing HF (default: the checkpoint's own). --param_dtype is the dtype the params are stored in.
@@ -26,11 +31,23 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                            "HF -> Orbax: compute dtype. Orbax -> HF: dtype of the written tensors.")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16", "float16"],
                                  "HF -> Orbax only: dtype the params are stored in (default float32).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Orbax -> HF: replace a non-empty --out_hf_dir.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out_hf_dir.")
+_FROM_ORIGINAL = flags.DEFINE_string("from_original", None, "A checkpoint directory of the original "
+                                     "LLaVA-MoD / MoE-LLaVA / LLaVA-1.5 code to convert.")
+_VISION_DIR = flags.DEFINE_string("vision_dir", None, "--from_original: the image tower's directory.")
 
 
 def _direction() -> str:
-  """'to_orbax' or 'to_hf' from the flags given; a usage error names what is wrong."""
+  """'to_orbax', 'to_hf' or 'from_original' from the flags given; a usage error names what is
+  wrong."""
+  if _FROM_ORIGINAL.value:
+    if _CKPT_DIR.value or _HF_DIR.value or not _OUT_HF_DIR.value:
+      raise app.UsageError("--from_original takes --out_hf_dir (and not --ckpt_dir or --hf_dir)")
+    if not os.path.isfile(os.path.join(_FROM_ORIGINAL.value, "config.json")):
+      raise app.UsageError(f"--from_original={_FROM_ORIGINAL.value}: no config.json there")
+    return "from_original"
+  if _VISION_DIR.value:
+    raise app.UsageError("--vision_dir only applies to --from_original")
   if not _CKPT_DIR.value:
     raise app.UsageError("--ckpt_dir is required")
   if bool(_HF_DIR.value) == bool(_OUT_HF_DIR.value):
@@ -72,7 +89,12 @@ def main(argv):
   from llavamod_jax import checkpoint, hf
 
   try:
-    if direction == "to_orbax":
+    if direction == "from_original":
+      out = hf.from_original(_FROM_ORIGINAL.value, _OUT_HF_DIR.value, vision_dir=_VISION_DIR.value,
+                             dtype=_DTYPE.value, overwrite=_OVERWRITE.value)
+      logging.info("wrote Hugging Face model %s from the original checkpoint %s", out,
+                   _FROM_ORIGINAL.value)
+    elif direction == "to_orbax":
       model, params = hf.load(_HF_DIR.value, dtype=_DTYPE.value or "float32",
                               param_dtype=_PARAM_DTYPE.value or "float32")
       logging.info("read %s: %s, %s", _HF_DIR.value, type(model).__name__, _summary(params))
@@ -84,7 +106,7 @@ def main(argv):
       out = hf.save(model, params, _OUT_HF_DIR.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value)
       logging.info("wrote Hugging Face model %s (tensors in %s)", out,
                    _DTYPE.value or "the checkpoint's dtype")
-  except (FileNotFoundError, FileExistsError) as e:
+  except (FileNotFoundError, FileExistsError, ValueError, NotImplementedError) as e:
     # Missing inputs and occupied outputs are the user's to fix; no traceback.
     raise app.UsageError(str(e)) from e
 

@@ -136,7 +136,8 @@ def abstract_model(src, cfg, *, role: str, tokenizer=None):
   """The module `load_model` returns, from config files alone: no weights, no data (planning).
   The tokenizer is read only by `init=scratch` (its vocabulary size)."""
   if src.init == "hf":
-    model_cfg = hf.load_config(src.hf_dir, dtype=src.dtype, param_dtype=src.param_dtype)
+    model_cfg = hf.load_config(src.hf_dir, dtype=src.dtype, param_dtype=src.param_dtype,
+                               vision_dir=src.vision_hf_dir or None)
   elif src.init == "workdir":
     model_cfg = checkpoint.restore_config(fileutil.path(src.workdir) / "checkpoints")
   elif src.init == "compose":
@@ -161,7 +162,9 @@ def abstract_model(src, cfg, *, role: str, tokenizer=None):
 def load_model(src, tokenizer, cfg, *, role: str):
   """(module, params) for `cfg.student` or `cfg.teacher` (role names it in errors and logs)."""
   if src.init == "hf":
-    model, params = hf.load(src.hf_dir, dtype=src.dtype, param_dtype=src.param_dtype, remat=src.remat)
+    # vision_hf_dir: an original-code checkpoint's image tower (hf/original.py)
+    model, params = hf.load(src.hf_dir, dtype=src.dtype, param_dtype=src.param_dtype, remat=src.remat,
+                            vision_dir=src.vision_hf_dir or None)
   elif src.init == "workdir":
     model, params = checkpoint.restore_model(fileutil.path(src.workdir) / "checkpoints")
   elif src.init == "compose":

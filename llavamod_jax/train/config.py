@@ -62,7 +62,9 @@ def model_source(init: str = "scratch") -> ml_collections.ConfigDict:
       "init": init,  # hf | workdir | compose | scratch (| none: no teacher); see the docstring
       "hf_dir": "",  # init=hf: an HF LLaVA (or causal LM) directory
       "workdir": "",  # init=workdir: a training workdir (its latest checkpoint), local or gs://
-      "vision_hf_dir": "",  # compose, scratch: the vision tower (CLIP/SigLIP dir, or a LLaVA's)
+      # compose, scratch: the vision tower (CLIP/SigLIP dir, or a LLaVA's); hf: the image tower of
+      # an original LLaVA-MoD / LLaVA-1.5 checkpoint whose config names it by hub id
+      "vision_hf_dir": "",
       "llm_hf_dir": "",  # compose: the language model's HF directory
       "dtype": "float32",  # compute dtype (bfloat16 on accelerators)
       "param_dtype": "float32",  # parameter (and optimizer state) dtype

@@ -147,3 +147,110 @@ def test_unsupported_families_are_named(model_type, tmp_path):
   with pytest.raises(ValueError, match=rf"model_type '{model_type}' of the original code is not "
                                        "supported"):
     hf.load_config(tmp_path)
+
+
+def _word_tokenizer(path, words=40):
+  """A word-level tokenizer of `words` tokens (no <image>), saved in the checkpoint directory."""
+  import tokenizers
+  import transformers
+
+  vocab = {"<unk>": 0, "</s>": 1, **{f"w{i}": i + 2 for i in range(words - 2)}}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                       eos_token="</s>").save_pretrained(path)
+
+
+def _transformers_logits(out, ref, image_id, seed):
+  import transformers
+
+  back = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+  rng = np.random.default_rng(seed)
+  n = back.config.image_seq_length
+  ids = rng.integers(0, 100, (2, n + 8))
+  ids[:, 3:3 + n] = tiny_hf.IMAGE_TOKEN
+  pix = rng.standard_normal((2, 28, 28, 3)).astype(np.float32)
+  want = tiny_hf.torch_logits(ref, ids, pixel_values=pix)
+  got = tiny_hf.torch_logits(back, np.where(ids == tiny_hf.IMAGE_TOKEN, image_id, ids),
+                             pixel_values=pix)
+  return back, got[..., :want.shape[-1]], want
+
+
+def test_an_original_moe_student_converts_to_plain_transformers(tmp_path, torch):
+  """launch/convert.py --from_original: a Qwen2-MoE LLaVA that transformers loads with no custom code
+  or DeepSpeed, `<image>` added to the tokenizer (inside the embedding rows: no resize), the tower's
+  image processor carried over; the same logits as the model it came from."""
+  import transformers
+
+  ref = _moe_llava(seed=34)
+  clip = _clip_dir(ref, tmp_path / "clip")
+  transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size=28).save_pretrained(clip)
+  moe = {"moe_layers_idx": [0], "num_experts": [4], "top_k_experts": 2, "capacity_factor": 1.0,
+         "eval_capacity_factor": 1.0, "min_capacity": 4, "use_residual": False}
+  src = _write_original(ref, tmp_path / "moe", "moe_llava_qwen2", "mod", str(clip), moe)
+  _word_tokenizer(src)
+  out = hf.from_original(src, tmp_path / "out")
+  cfg = json.loads((out / "config.json").read_text())
+  assert cfg["model_type"] == "llava" and cfg["text_config"]["model_type"] == "qwen2_moe"
+  assert "original_model_type" not in json.dumps(cfg)
+  tok = transformers.AutoTokenizer.from_pretrained(out)
+  assert tok.convert_tokens_to_ids("<image>") == cfg["image_token_index"] == 40
+  assert cfg["text_config"]["vocab_size"] == tiny_hf.VOCAB
+  assert (out / "preprocessor_config.json").exists()
+  back, got, want = _transformers_logits(out, ref, 40, 3)
+  assert type(back.model.language_model.layers[0].mlp).__name__ == "Qwen2MoeSparseMoeBlock"
+  assert tiny_hf.rel_err(got, want) < 1e-4
+  # Our own loader reads the converted directory as any transformers LLaVA (init=hf in a stage).
+  model, _ = hf.load(out)
+  assert model.cfg.image_token_id == 40 and model.cfg.text.num_experts == 4
+
+
+def test_an_original_llava_15_without_tokenizer_grows_its_embeddings(tmp_path, torch):
+  ref = tiny_hf.llava("clip", "llama", seed=35)
+  src = _write_original(ref, tmp_path / "v15", "llava", "1.5", "openai/clip-vit-large-patch14-336")
+  out = hf.from_original(src, tmp_path / "out", vision_dir=_clip_dir(ref, tmp_path / "clip"))
+  cfg = json.loads((out / "config.json").read_text())
+  assert cfg["image_token_index"] == tiny_hf.VOCAB and cfg["text_config"]["vocab_size"] == 192
+  _, got, want = _transformers_logits(out, ref, tiny_hf.VOCAB, 4)
+  assert tiny_hf.rel_err(got, want) < 1e-4
+
+
+def test_an_original_checkpoint_serves_as_a_stage_teacher(tmp_path, torch):
+  """`teacher.init=hf` on the original directory (its tower given as `vision_hf_dir`): the model a
+  stage builds, from config files alone and with weights, is `hf.load`'s."""
+  import jax
+
+  from llavamod_jax.train import build, config
+
+  ref = tiny_hf.llava("clip", "llama", seed=36)
+  src = _write_original(ref, tmp_path / "v15", "llava", "1.5", "openai/clip-vit-large-patch14-336")
+  clip = _clip_dir(ref, tmp_path / "clip")
+  cfg = config.base()
+  cfg.teacher.init, cfg.teacher.hf_dir, cfg.teacher.vision_hf_dir = "hf", str(src), str(clip)
+  abstract = build.abstract_model(cfg.teacher, cfg, role="teacher")
+  model, params = build.load_model(cfg.teacher, None, cfg, role="teacher")
+  _, want = hf.load(src, vision_dir=clip)
+  assert abstract.cfg == model.cfg and model.cfg.vision.hidden_size == 24
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, want))
+  _parity(model, params, ref, 5)
+
+
+def test_the_convert_command(tmp_path, torch):
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  repo = Path(__file__).resolve().parents[2]
+  ref = tiny_hf.llava("clip", "qwen2", seed=37)
+  src = _write_original(ref, tmp_path / "mod", "llava_qwen2", "mod", "openai/clip-vit-large-patch14")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TRANSFORMERS_VERBOSITY": "error"}
+  run = lambda *a: subprocess.run([sys.executable, str(repo / "launch" / "convert.py"), *a],  # noqa
+                                  env=env, capture_output=True, text=True, timeout=240)
+  p = run(f"--from_original={src}", f"--out_hf_dir={tmp_path / 'out'}",
+          f"--vision_dir={_clip_dir(ref, tmp_path / 'clip')}")
+  assert p.returncode == 0, p.stderr[-2000:]
+  _, got, want = _transformers_logits(tmp_path / "out", ref, tiny_hf.VOCAB, 6)
+  assert tiny_hf.rel_err(got, want) < 1e-4
+  p = run(f"--from_original={src}", f"--out_hf_dir={tmp_path / 'out2'}")  # tiny tower, CLIP-L named
+  assert p.returncode == 1 and "has shape" in p.stderr and "Traceback" not in p.stderr
