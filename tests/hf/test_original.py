@@ -47,13 +47,20 @@ def _original_key(k, style):
   return f"{proj}{2 * int(m.group(1)) - 2}.{m.group(2)}"
 
 
-def _write_original(ref, out, model_type, style, tower, moe=None):
-  """`ref` (a transformers LLaVA) saved as the original code saves it, at `out`."""
+def _write_original(ref, out, model_type, style, tower, moe=None, fmt="safetensors"):
+  """`ref` (a transformers LLaVA) saved as the original code saves it, at `out` (`fmt` "bin":
+  `torch.save` of the state dict, as pytorch_model.bin)."""
+  import torch
+
   ref.save_pretrained(out / "_hf")
   tensors = load_file(out / "_hf" / "model.safetensors")
   renamed = {_original_key(k, style): v for k, v in tensors.items()}
   renamed.pop(None, None)
-  save_file(renamed, out / "model.safetensors", metadata={"format": "pt"})
+  if fmt == "bin":
+    torch.save({k: torch.from_numpy(v.copy()) for k, v in renamed.items()},
+               out / "pytorch_model.bin")
+  else:
+    save_file(renamed, out / "model.safetensors", metadata={"format": "pt"})
   text = ref.config.text_config.to_dict()
   for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "mlp_only_layers",
               "shared_expert_intermediate_size", "decoder_sparse_step", "norm_topk_prob",
@@ -89,12 +96,19 @@ def _clip_dir(ref, path):
   return path
 
 
-def test_llava_mod_dense_checkpoint(tmp_path, torch):
-  ref = tiny_hf.llava("clip", "qwen2", seed=31)
+@pytest.mark.parametrize("model_type, family, fmt", [
+    ("llava_qwen2", "qwen2", "safetensors"), ("llava_qwen2", "qwen2", "bin"),
+    ("llava_qwen1_5", "qwen2", "safetensors"), ("llava_llama", "llama", "safetensors"),
+    ("llava_mistral", "llama", "bin")])
+def test_llava_mod_dense_checkpoints(model_type, family, fmt, tmp_path, torch):
+  ref = tiny_hf.llava("clip", family, seed=31)
   tower = _clip_dir(ref, tmp_path / "clip")  # the config names a local tower directory
-  src = _write_original(ref, tmp_path / "mod", "llava_qwen2", "mod", str(tower))
+  src = _write_original(ref, tmp_path / "mod", model_type, "mod", str(tower), fmt=fmt)
+  if model_type == "llava_mistral":  # a LLaMA-shaped Mistral: no sliding window
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "sliding_window": None}))
   model, params = hf.load(src)
-  assert model.cfg.image_token_id == tiny_hf.VOCAB and model.cfg.text.model_type == "qwen2"
+  assert model.cfg.image_token_id == tiny_hf.VOCAB and model.cfg.text.model_type == family
   _parity(model, params, ref, 0)
 
 
@@ -254,3 +268,12 @@ def test_the_convert_command(tmp_path, torch):
   assert tiny_hf.rel_err(got, want) < 1e-4
   p = run(f"--from_original={src}", f"--out_hf_dir={tmp_path / 'out2'}")  # tiny tower, CLIP-L named
   assert p.returncode == 1 and "has shape" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_mistral_with_a_sliding_window_is_refused(tmp_path):
+  cfg = tiny_hf.text_config("llama").to_dict()
+  cfg.update(model_type="llava_mistral", sliding_window=4096, mm_image_tower="x",
+             image_projector_type="mlp2x_gelu")
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(NotImplementedError, match="Mistral with a sliding window"):
+    hf.load_config(tmp_path)
