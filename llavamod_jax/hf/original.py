@@ -83,6 +83,11 @@ def llava_config(d: dict[str, Any], where: str, dtype: str, param_dtype: str, so
   projector = d.get("image_projector_type") or d.get("mm_projector_type") or "linear"
   if projector != "mlp2x_gelu":
     raise NotImplementedError(f"{where}: projector {projector!r} is not supported (only mlp2x_gelu)")
+  merge = d.get("mm_patch_merge_type", "flat")
+  if merge != "flat" or d.get("image_aspect_ratio") == "anyres":
+    raise NotImplementedError(f"{where}: mm_patch_merge_type {merge!r} / image_aspect_ratio "
+                              f"{d.get('image_aspect_ratio')!r} (LLaVA-NeXT's any-resolution tiles) "
+                              "is not supported; one image of the tower's size per image token run")
   feature = d.get("mm_vision_select_feature", "patch")
   if feature not in ("patch", "cls_patch"):
     raise ValueError(f"{where}: mm_vision_select_feature {feature!r}: expected patch or cls_patch")
