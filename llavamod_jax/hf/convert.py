@@ -105,9 +105,11 @@ def load_config(path: str | os.PathLike, *, dtype: str = "float32", param_dtype:
   """Our model config for an HF directory (no weights read); `vision_dir`: the image tower's
   directory of an original-code LLaVA whose config names it by hub id (hf/original.py)."""
   d = read_config(path)
-  return families.config_from_hf(d, str(Path(path) / "config.json"), dtype, param_dtype,
-                                 source=str(Path(path).resolve()),
-                                 vision_dir=os.fspath(vision_dir) if vision_dir else None)
+  where, source = str(Path(path) / "config.json"), str(Path(path).resolve())
+  if original.is_original(d):
+    return original.llava_config(d, where, dtype, param_dtype, source,
+                                 os.fspath(vision_dir) if vision_dir else None)
+  return families.config_from_hf(d, where, dtype, param_dtype, source=source)
 
 
 def _plan(ckpt: Checkpoint, cfg, expected: dict, where: str):
@@ -347,3 +349,51 @@ def _carry_files(source: str, dest: Path) -> None:
   for f in sorted(Path(source).iterdir()):
     if f.is_file() and any(fnmatch.fnmatch(f.name, pat) for pat in CARRIED_FILES):
       shutil.copy2(f, dest / f.name)
+
+
+def from_original(src: str | os.PathLike, out_dir: str | os.PathLike, *,
+                    vision_dir: str | os.PathLike | None = None, dtype: str | None = None,
+                    overwrite: bool = False) -> Path:
+  """An original-code checkpoint written as a plain transformers LLaVA (a `qwen2_moe` text config
+  for an MoE student) that `from_pretrained` loads without custom code or DeepSpeed.
+
+  `<image>` becomes a token of the tokenizer (an added special token, as the llava-hf conversions
+  do); when its id falls past the embedding rows, the embeddings (and an untied LM head) grow to
+  the next multiple of 64 rows, new rows the mean of the old. The tokenizer (with `<image>`) and the
+  image processor (from the checkpoint or its tower's directory) are written beside the weights."""
+  import transformers  # noqa: PLC0415
+
+  model, params = load(src, vision_dir=vision_dir)
+  cfg = model.cfg
+  try:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+  except (OSError, ValueError):
+    tokenizer = None  # no tokenizer files: the image token takes the first row past the vocabulary
+  if tokenizer is not None:
+    if "<image>" not in tokenizer.get_vocab():
+      tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+  else:
+    image_id = cfg.text.vocab_size
+  vocab = cfg.text.vocab_size
+  if image_id >= vocab:
+    vocab = -(-(image_id + 1) // 64) * 64
+    lm = params["language_model"]
+    emb = lm["embed_tokens"]["embedding"]
+    grow = jnp.broadcast_to(emb.mean(0, keepdims=True), (vocab - emb.shape[0], emb.shape[1]))
+    lm["embed_tokens"]["embedding"] = jnp.concatenate([emb, grow.astype(emb.dtype)])
+    if "lm_head" in lm:
+      head = lm["lm_head"]["kernel"]
+      grow = jnp.broadcast_to(head.mean(1, keepdims=True), (head.shape[0], vocab - head.shape[1]))
+      lm["lm_head"]["kernel"] = jnp.concatenate([head, grow.astype(head.dtype)], axis=1)
+  extra = {"_name_or_path": json.loads(cfg.hf_extra).get("_name_or_path", "")}
+  cfg = cfg.replace(image_token_id=int(image_id), text=cfg.text.replace(vocab_size=vocab),
+                    hf_extra=json.dumps(extra))
+  out = Path(save(models.build(cfg), params, out_dir, dtype=dtype, overwrite=overwrite))
+  if tokenizer is not None:
+    tokenizer.save_pretrained(out)
+  tower = original.vision_dir_of(model.cfg, os.fspath(vision_dir) if vision_dir else None)
+  processor = Path(tower or "") / "preprocessor_config.json"
+  if not (out / "preprocessor_config.json").exists() and tower and processor.exists():
+    shutil.copy(processor, out / "preprocessor_config.json")
+  return out

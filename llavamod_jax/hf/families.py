@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from llavamod_jax.hf import original
 from llavamod_jax.models.configs import LlavaConfig, TextConfig, VisionConfig
 
 TEXT_TYPES = ("qwen2", "llama", "qwen2_moe")
@@ -355,13 +354,10 @@ def llava_to_hf(cfg: LlavaConfig, dtype: str) -> dict[str, Any]:
   return d
 
 
-def config_from_hf(d: dict[str, Any], where: str, dtype: str, param_dtype: str, source: str = "",
-                   vision_dir: str | None = None):
-  """Our model config for an HF config dict (LLaVA, causal LM, or a CLIP/SigLIP tower), or for the
-  original code's LLaVA config (hf/original.py; `vision_dir`: its image tower's directory)."""
+def config_from_hf(d: dict[str, Any], where: str, dtype: str, param_dtype: str, source: str = ""):
+  """Our model config for an HF config dict (LLaVA, causal LM, or a CLIP/SigLIP tower); the original
+  code's LLaVA configs are hf/original.py's."""
   model_type = d.get("model_type")
-  if original.is_original(d):
-    return original.llava_config(d, where, dtype, param_dtype, source, vision_dir)
   if model_type == "llava":
     return llava_from_hf(d, where, dtype, param_dtype, source)
   if model_type in TEXT_TYPES:

@@ -21,11 +21,10 @@ capacity`, the noise is `moe.router_noise=gumbel`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
+from llavamod_jax.hf import families
 from llavamod_jax.models.configs import LlavaConfig, VisionConfig
 
 # The original's model_type -> the transformers family whose computation ours reproduces.
@@ -64,8 +63,6 @@ def tower_name(d: dict[str, Any]) -> str | None:
 def llava_config(d: dict[str, Any], where: str, dtype: str, param_dtype: str, source: str = "",
                  vision_dir: str | None = None) -> LlavaConfig:
   """Our LlavaConfig for an original config.json (`vision_dir`: the image tower's directory)."""
-  from llavamod_jax.hf import families  # noqa: PLC0415 (families imports this module)
-
   model_type = d.get("model_type")
   if model_type in UNSUPPORTED or model_type not in FAMILIES:
     raise ValueError(f"{where}: model_type {model_type!r} of the original code is not supported: its "
@@ -126,8 +123,6 @@ def vision_config(d: dict[str, Any], where: str, dtype: str, param_dtype: str,
                   vision_dir: str | None) -> VisionConfig:
   """The image tower's config: from `vision_dir`, the directory the config names, or the published
   configuration of a known hub id."""
-  from llavamod_jax.hf import families  # noqa: PLC0415
-
   tower = tower_name(d)
   directory = vision_dir or (tower if tower and (Path(tower) / "config.json").exists() else None)
   if directory:
@@ -151,54 +146,3 @@ def vision_dir_of(cfg: LlavaConfig, vision_dir: str | None) -> str | None:
   tower = json.loads(cfg.hf_extra).get("image_tower")
   return tower if tower and (Path(tower) / "config.json").exists() else None
 
-
-def to_transformers(src: str | os.PathLike, out_dir: str | os.PathLike, *,
-                    vision_dir: str | os.PathLike | None = None, dtype: str | None = None,
-                    overwrite: bool = False) -> Path:
-  """An original-code checkpoint written as a plain transformers LLaVA (a `qwen2_moe` text config
-  for an MoE student) that `from_pretrained` loads without custom code or DeepSpeed.
-
-  `<image>` becomes a token of the tokenizer (an added special token, as the llava-hf conversions
-  do); when its id falls past the embedding rows, the embeddings (and an untied LM head) grow to
-  the next multiple of 64 rows, new rows the mean of the old. The tokenizer (with `<image>`) and the
-  image processor (from the checkpoint or its tower's directory) are written beside the weights."""
-  import jax.numpy as jnp  # noqa: PLC0415
-  import transformers  # noqa: PLC0415
-
-  from llavamod_jax import models  # noqa: PLC0415
-  from llavamod_jax.hf import convert  # noqa: PLC0415
-
-  model, params = convert.load(src, vision_dir=vision_dir)
-  cfg = model.cfg
-  try:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(src)
-  except (OSError, ValueError):
-    tokenizer = None  # no tokenizer files: the image token takes the first row past the vocabulary
-  if tokenizer is not None:
-    if "<image>" not in tokenizer.get_vocab():
-      tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-  else:
-    image_id = cfg.text.vocab_size
-  vocab = cfg.text.vocab_size
-  if image_id >= vocab:
-    vocab = -(-(image_id + 1) // 64) * 64
-    lm = params["language_model"]
-    emb = lm["embed_tokens"]["embedding"]
-    grow = jnp.broadcast_to(emb.mean(0, keepdims=True), (vocab - emb.shape[0], emb.shape[1]))
-    lm["embed_tokens"]["embedding"] = jnp.concatenate([emb, grow.astype(emb.dtype)])
-    if "lm_head" in lm:
-      head = lm["lm_head"]["kernel"]
-      grow = jnp.broadcast_to(head.mean(1, keepdims=True), (head.shape[0], vocab - head.shape[1]))
-      lm["lm_head"]["kernel"] = jnp.concatenate([head, grow.astype(head.dtype)], axis=1)
-  extra = {"_name_or_path": json.loads(cfg.hf_extra).get("_name_or_path", "")}
-  cfg = cfg.replace(image_token_id=int(image_id), text=cfg.text.replace(vocab_size=vocab),
-                    hf_extra=json.dumps(extra))
-  out = Path(convert.save(models.build(cfg), params, out_dir, dtype=dtype, overwrite=overwrite))
-  if tokenizer is not None:
-    tokenizer.save_pretrained(out)
-  tower = vision_dir_of(model.cfg, os.fspath(vision_dir) if vision_dir else None)
-  processor = Path(tower or "") / "preprocessor_config.json"
-  if not (out / "preprocessor_config.json").exists() and tower and processor.exists():
-    shutil.copy(processor, out / "preprocessor_config.json")
-  return out
