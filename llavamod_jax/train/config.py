@@ -19,9 +19,12 @@ turns that into the plain inputs above before training (launch/train.py calls it
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 # Stage name -> the kind of step it trains with (train/steps.py).
 STAGES = {"teacher": "sft", "adaptor": "sft", "mimic": "mimic", "preference": "preference"}
@@ -54,6 +57,41 @@ class LossConfig:
   beta: float = 0.1  # preference: the DPO beta
   loss_type: str = "sigmoid"  # preference: sigmoid (DPO) | kto_pair | ipo | hinge
   label_smoothing: float = 0.0  # preference: conservative DPO's label noise
+
+
+class ListParser(flags.ArgumentParser):
+  """Command-line values of list-valued keys: `--config.data.train_files=a.jsonl,b.jsonl`
+  (comma-separated; numbers become numbers, anything else stays a string), or a Python list literal
+  (`--config.data.weights='[1, 0.5]'`); an empty value is the empty list."""
+
+  def parse(self, argument):
+    if isinstance(argument, (list, tuple)):
+      return list(argument)
+    text = str(argument).strip()
+    if text.startswith("["):
+      try:
+        value = ast.literal_eval(text)
+      except (ValueError, SyntaxError) as e:
+        raise ValueError(f"{text!r} is not a list literal: {e}") from None
+      if not isinstance(value, list):
+        raise ValueError(f"{text!r} is not a list")
+      return value
+    return [_scalar(part.strip()) for part in text.split(",")] if text else []
+
+  def flag_type(self) -> str:
+    return "list"
+
+
+def _scalar(text: str):
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+  return value if isinstance(value, (int, float)) and not isinstance(value, bool) else text
+
+
+# Every config file imports this module before its overrides are parsed: list keys take CLI values.
+config_flags.register_flag_parser_for_type(list, ListParser())
 
 
 def model_source(init: str = "scratch") -> ml_collections.ConfigDict:
@@ -210,6 +248,9 @@ def validate(c: ml_collections.ConfigDict, *, data: bool = True) -> None:
          "must lie in [0, 1]")
   if data and not c.data.train_files:
     fail("data.train_files", "no training data given")
+  if data and c.data.weights and len(c.data.weights) != len(c.data.train_files):
+      fail("data.weights", f"{len(c.data.weights)} weights for {len(c.data.train_files)} "
+           "data.train_files: give one per file, or none")
   if data and c.eval_every and not c.data.eval_files:
     fail("data.eval_files", f"required when eval_every={c.eval_every}")
   if (c.data.batch_size > 0) == (c.data.per_device_batch_size > 0):
@@ -220,6 +261,17 @@ def validate(c: ml_collections.ConfigDict, *, data: bool = True) -> None:
   if c.data.batch_size % c.optimizer.grad_accum_steps:
     fail("optimizer.grad_accum_steps", f"{c.optimizer.grad_accum_steps} does not divide "
          f"data.batch_size={c.data.batch_size}")
+
+
+def check_files(c: ml_collections.ConfigDict) -> None:
+  """Every data file the config names exists (local or gs://): a mistyped path fails before
+  anything is loaded, naming the key and the position in its list."""
+  from llavamod_jax import fileutil  # noqa: PLC0415
+
+  for key in ("train_files", "eval_files", "report_files"):
+    for i, f in enumerate(c.data[key]):
+      if not fileutil.path(f).exists():
+        raise ValueError(f"config.data.{key}: [{i}] {f!r}: no such file")
 
 
 def resolve_batch(c: ml_collections.ConfigDict, mesh) -> int:

@@ -46,6 +46,7 @@ class NonFiniteLoss(RuntimeError):
 def run(cfg, workdir) -> dict[str, float]:
   """Train `cfg` in `workdir` (resuming from its latest checkpoint); returns the last metrics."""
   validate(cfg)
+  config_lib.check_files(cfg)
   workdir = fileutil.path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   kind = STAGES[cfg.stage]

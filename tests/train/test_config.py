@@ -108,3 +108,38 @@ def test_objective_and_offline_teacher_errors_name_the_key(change, message):
     (cfg[section] if section else cfg)[field] = value
   with pytest.raises(ValueError, match=message):
     config_lib.validate(cfg)
+
+
+def test_list_keys_take_command_line_values(tmp_path):
+  """`--config.data.train_files=a,b` (and every list key) overrides from the command line; a missing
+  file named there fails before anything loads, naming the key and its position in the list."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  repo = pathlib.Path(__file__).resolve().parents[2]
+  a = tmp_path / "a.jsonl"
+  a.write_text("")
+  p = subprocess.run(
+      [sys.executable, str(repo / "launch" / "train.py"), f"--config={repo / 'configs/mimic.py'}:d2s_paper",
+       f"--config.data.train_files={a},{tmp_path / 'typo.jsonl'}", "--config.data.weights=1,0.5",
+       f"--workdir={tmp_path / 'w'}"], capture_output=True, text=True, timeout=120,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert p.returncode != 0
+  assert "config.data.train_files: [1] '" + str(tmp_path / "typo.jsonl") + "': no such file" in p.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists()  # nothing was built
+
+
+def test_data_weights_need_one_per_file(tmp_path):
+  cfg = config_lib.base()
+  cfg.stage, cfg.data.train_files, cfg.data.weights = "adaptor", ["x.jsonl"], [1, 0.5]
+  with pytest.raises(ValueError, match=r"config\.data\.weights: 2 weights for 1 data.train_files"):
+    config_lib.validate(cfg)
+
+
+@pytest.mark.parametrize("text, want", [("a.jsonl,b.jsonl", ["a.jsonl", "b.jsonl"]), ("", []),
+                                        ("1, 0.5,x", [1, 0.5, "x"]), ("[2, 'y']", [2, "y"]),
+                                        ("gs://b/1.jsonl", ["gs://b/1.jsonl"])])
+def test_list_parser(text, want):
+  assert config_lib.ListParser().parse(text) == want
