@@ -78,7 +78,13 @@ def main(argv):
   if "demo" in cfg and cfg.demo.baseline and cfg.stage != "mimic":
     raise app.UsageError(f"--config.demo.baseline=True: the CE-alone baseline is the mimic stage's "
                          f"(this config's stage is {cfg.stage!r})")
-  loop.run(cfg, workdir)
+  from llavamod_jax.data import teacher_logits
+  from llavamod_jax.train import config as config_lib
+
+  try:
+    loop.run(cfg, workdir)
+  except (config_lib.ConfigError, teacher_logits.TeacherLogitsError) as e:
+    sys.exit(f"error: {e}")  # the user's to fix: one message, no traceback
   baselines = {}
   if "demo" in cfg and cfg.demo.baseline:  # the same student with CE alone: what distilling adds
     from llavamod_jax.demo import recipes

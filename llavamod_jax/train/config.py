@@ -94,6 +94,10 @@ def _scalar(text: str):
 config_flags.register_flag_parser_for_type(list, ListParser())
 
 
+class ConfigError(ValueError):
+  """A run config the user must fix (the message names the key); launch scripts print it alone."""
+
+
 def model_source(init: str = "scratch") -> ml_collections.ConfigDict:
   """Where the student's or the teacher's model comes from, and how it computes."""
   return ml_collections.ConfigDict({
@@ -191,7 +195,7 @@ def base() -> ml_collections.ConfigDict:
 def validate(c: ml_collections.ConfigDict, *, data: bool = True) -> None:
   """Errors a user can act on, before anything is built (`data=False`: planning, no data read)."""
   def fail(key, msg):
-    raise ValueError(f"config.{key}: {msg}")
+    raise ConfigError(f"config.{key}: {msg}")
 
   if c.stage not in STAGES:
     fail("stage", f"{c.stage!r} is not one of {sorted(STAGES)}")
@@ -271,7 +275,7 @@ def check_files(c: ml_collections.ConfigDict) -> None:
   for key in ("train_files", "eval_files", "report_files"):
     for i, f in enumerate(c.data[key]):
       if not fileutil.path(f).exists():
-        raise ValueError(f"config.data.{key}: [{i}] {f!r}: no such file")
+        raise ConfigError(f"config.data.{key}: [{i}] {f!r}: no such file")
 
 
 def resolve_batch(c: ml_collections.ConfigDict, mesh) -> int:
@@ -284,7 +288,7 @@ def resolve_batch(c: ml_collections.ConfigDict, mesh) -> int:
     c.data.batch_size = c.data.per_device_batch_size * devices * accum
   micro = c.data.batch_size // accum
   if micro % devices:
-    raise ValueError(
+    raise ConfigError(
         f"config.data.batch_size={c.data.batch_size} / optimizer.grad_accum_steps={accum} = {micro} "
         f"rows per micro-batch do not split over the {devices} devices of the mesh's data x fsdp "
         f"axes; set data.per_device_batch_size instead (then batch_size=0)")
