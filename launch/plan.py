@@ -57,4 +57,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from llavamod_jax import cli
+  app.run(main, flags_parser=cli.config_app_parser(exit_code=2))

@@ -50,18 +50,18 @@ def main(argv):
 
   distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value, None)
+  from llavamod_jax import cli
   from llavamod_jax.train import offline
 
-  cfg = _CONFIG.value
-  if "demo" in cfg:  # the embedded default: its data and teacher are built (or read from the cache)
-    from llavamod_jax import demo
-    cfg = demo.prepare(cfg)
-  try:
+  with cli.user_errors():  # bad input: one clear line
+    cfg = _CONFIG.value
+    if "demo" in cfg:  # the embedded default: its data and teacher are built (or read from cache)
+      from llavamod_jax import demo
+      cfg = demo.prepare(cfg)
     offline.run(cfg, _OUT.value, top_k=_TOP_K.value, dtype=_DTYPE.value,
                 records_per_part=_PER_PART.value)
-  except ValueError as e:  # bad input: one clear line
-    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from llavamod_jax import cli
+  app.run(main, flags_parser=cli.config_app_parser())

@@ -6,7 +6,10 @@ With no flag but the config, the embedded default runs: it builds the synthetic 
 (or reuses) a tiny teacher, upcycles a tiny student and distils it, then trains the same student
 with CE alone and no teacher in WORKDIR/baseline_ce (config.demo.baseline) and reports the three
 side by side. Restarting with the same workdir resumes from its latest checkpoint (the baseline's
-too). The workdir defaults to workdirs/<stage>.
+too). The workdir defaults to workdirs/<stage>. A restart with a config that changes the data or
+the model's shapes is refused, naming each key; a damaged newest checkpoint is renamed aside and the
+one before it restored (llavamod_jax/train/resume.py). A user error (an unknown key, a bad value, a
+missing file) is one line, `error: ...`, exit 1; `-v 1` shows its traceback.
 
 Several processes (one per host; JAX's multi-controller runtime). Start the same command on every
 host; each one reads only its rows of every global batch, so config.data.batch_size stays the global
@@ -68,30 +71,29 @@ def main(argv):
   # Before anything touches JAX's devices: initialize must come first on every process.
   distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value, _local_device_ids())
-  from llavamod_jax.train import loop, report
+  from llavamod_jax import cli
+  from llavamod_jax.train import loop, report, resume
 
-  cfg = _CONFIG.value
-  if "demo" in cfg:  # the embedded default: build its assets, then train on them as on any inputs
-    from llavamod_jax import demo
-    cfg = demo.prepare(cfg)
-  workdir = _WORKDIR.value or f"workdirs/{cfg.stage}"
-  if "demo" in cfg and cfg.demo.baseline and cfg.stage != "mimic":
-    raise app.UsageError(f"--config.demo.baseline=True: the CE-alone baseline is the mimic stage's "
-                         f"(this config's stage is {cfg.stage!r})")
-  from llavamod_jax.data import teacher_logits
-  from llavamod_jax.train import config as config_lib
-
-  try:
+  with cli.user_errors(resume.NoRestorableCheckpoint):  # the user's to fix: one line, exit 1
+    cfg = _CONFIG.value
+    if "demo" in cfg:  # the embedded default: build its assets, then train on them as on any inputs
+      from llavamod_jax import demo
+      from llavamod_jax.train import config as config_lib
+      config_lib.validate(cfg, data=False, demo=True)  # a bad value or path fails before the
+      config_lib.check_files(cfg)  # assets build
+      cfg = demo.prepare(cfg)
+    workdir = _WORKDIR.value or f"workdirs/{cfg.stage}"
+    if "demo" in cfg and cfg.demo.baseline and cfg.stage != "mimic":
+      raise ValueError(f"--config.demo.baseline=True: the CE-alone baseline is the mimic stage's "
+                       f"(this config's stage is {cfg.stage!r})")
     loop.run(cfg, workdir)
-  except (config_lib.ConfigError, teacher_logits.TeacherLogitsError) as e:
-    sys.exit(f"error: {e}")  # the user's to fix: one message, no traceback
-  baselines = {}
-  if "demo" in cfg and cfg.demo.baseline:  # the same student with CE alone: what distilling adds
-    from llavamod_jax.demo import recipes
-    baselines["student_ce_alone"] = f"{workdir}/baseline_ce"
-    loop.run(recipes.ce_alone(cfg), baselines["student_ce_alone"])
-  if cfg.final_report:
-    report.final_report(cfg, workdir, baselines=baselines)
+    baselines = {}
+    if "demo" in cfg and cfg.demo.baseline:  # the same student with CE alone: what distilling adds
+      from llavamod_jax.demo import recipes
+      baselines["student_ce_alone"] = f"{workdir}/baseline_ce"
+      loop.run(recipes.ce_alone(cfg), baselines["student_ce_alone"])
+    if cfg.final_report:
+      report.final_report(cfg, workdir, baselines=baselines)
 
 
 def _local_device_ids() -> list[int] | None:
@@ -104,4 +106,5 @@ def _local_device_ids() -> list[int] | None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from llavamod_jax import cli
+  app.run(main, flags_parser=cli.config_app_parser())

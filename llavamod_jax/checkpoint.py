@@ -92,7 +92,7 @@ def resolve_step(mngr: ocp.CheckpointManager, step: int | None) -> int:
 def restore_items(mngr: ocp.CheckpointManager, step: int,
                   items: Mapping[str, ocp.args.CheckpointArgs]) -> dict[str, Any]:
   """Restore the named items of `step`; a missing item is an error naming the step directory."""
-  stored = _stored_items(mngr, step)
+  stored = stored_items(mngr, step)
   missing = [name for name in items if name not in stored]
   if missing:
     raise FileNotFoundError(f"{mngr.directory}/{step}: checkpoint has no item(s) {missing} "
@@ -101,7 +101,8 @@ def restore_items(mngr: ocp.CheckpointManager, step: int,
   return {name: restored[name] for name in items}
 
 
-def _stored_items(mngr: ocp.CheckpointManager, step: int) -> set[str]:
+def stored_items(mngr: ocp.CheckpointManager, step: int) -> set[str]:
+  """The item directories of step `step` (params, opt_state, ...)."""
   step_dir = epath.Path(mngr.directory) / str(step)
   return {p.name for p in step_dir.iterdir() if p.is_dir()} if step_dir.exists() else set()
 
@@ -201,7 +202,7 @@ def _config(mngr: ocp.CheckpointManager, step: int):
 
 def _params_target(mngr, step: int, expected, shardings):
   """ShapeDtypeStructs to restore into: stored dtypes, checked against the model's shapes."""
-  if PARAMS not in _stored_items(mngr, step):
+  if PARAMS not in stored_items(mngr, step):
     raise FileNotFoundError(f"{mngr.directory}/{step}: checkpoint has no '{PARAMS}' item")
   stored = mngr.item_metadata(step)[PARAMS]
   stored = getattr(stored, "tree", stored)  # TreeMetadata wraps the tree of ArrayMetadata

@@ -30,6 +30,8 @@ from ml_collections import config_flags
 STAGES = {"teacher": "sft", "adaptor": "sft", "mimic": "mimic", "preference": "preference"}
 INITS = ("hf", "workdir", "compose", "scratch")
 EXPERT_PARALLEL = ("auto", "all_to_all", "gspmd")
+MOE_DISPATCH, MOE_IMPL = ("dropless", "capacity"), ("auto", "ragged", "blocked", "dense")
+ROUTER_NOISE = ("none", "gumbel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,10 +194,18 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
-def validate(c: ml_collections.ConfigDict, *, data: bool = True) -> None:
-  """Errors a user can act on, before anything is built (`data=False`: planning, no data read)."""
+def validate(c: ml_collections.ConfigDict, *, data: bool = True, demo: bool = False) -> None:
+  """Errors a user can act on, before anything is built (`data=False`: planning, no data read;
+  `demo=True`: a demo config before `demo.prepare` builds its inputs, init 'demo' allowed)."""
   def fail(key, msg):
     raise ConfigError(f"config.{key}: {msg}")
+
+  # The choices of enumerated keys, from the modules that read them (imported here: the config
+  # stays importable without jax work).
+  from llavamod_jax.data import image, templates  # noqa: PLC0415
+  from llavamod_jax.models import attention, configs, layers  # noqa: PLC0415
+  DTYPES, REMAT_POLICIES = tuple(configs.DTYPES), tuple(layers.REMAT_POLICIES)
+  ATTENTION, TEMPLATES, ASPECTS = attention.IMPLS, tuple(templates.TEMPLATES), image.ASPECTS
 
   if c.stage not in STAGES:
     fail("stage", f"{c.stage!r} is not one of {sorted(STAGES)}")
@@ -209,8 +219,8 @@ def validate(c: ml_collections.ConfigDict, *, data: bool = True) -> None:
     fail("nan_policy", f"{c.nan_policy!r}: expected 'stop' or 'skip'")
   for who in ("student", "teacher"):
     src = c[who]
-    inits = INITS + (("none", "offline") if who == "teacher" else ())
-    if src.init == "demo":
+    inits = INITS + (("none", "offline") if who == "teacher" else ()) + (("demo",) if demo else ())
+    if src.init == "demo" and not demo:
       fail(f"{who}.init", "'demo' is resolved by llavamod_jax.demo.prepare(config) before training "
            "(launch/train.py does it for configs with a demo section)")
     if src.init not in inits:
@@ -220,11 +230,22 @@ def validate(c: ml_collections.ConfigDict, *, data: bool = True) -> None:
       if not src[key]:
         fail(f"{who}.{key}", f"required when {who}.init={src.init!r}")
     m = src.moe
-    if m.expert_parallel not in EXPERT_PARALLEL:
-      fail(f"{who}.moe.expert_parallel", f"{m.expert_parallel!r}: expected one of {EXPERT_PARALLEL}")
+    for key, value, allowed in ((f"{who}.dtype", src.dtype, DTYPES),
+                                (f"{who}.param_dtype", src.param_dtype, DTYPES),
+                                (f"{who}.remat_policy", src.remat_policy, REMAT_POLICIES),
+                                (f"{who}.attention", src.attention, ATTENTION),
+                                (f"{who}.moe.dispatch", m.dispatch, MOE_DISPATCH),
+                                (f"{who}.moe.impl", m.impl, MOE_IMPL),
+                                (f"{who}.moe.router_noise", m.router_noise, ROUTER_NOISE),
+                                (f"{who}.moe.expert_parallel", m.expert_parallel, EXPERT_PARALLEL)):
+      if value not in allowed:
+        fail(key, f"{value!r}: expected one of {allowed}")
     if m.expert_parallel == "all_to_all" and (m.dispatch != "dropless" or m.impl == "dense"):
       fail(f"{who}.moe.expert_parallel", f"'all_to_all' needs {who}.moe.dispatch='dropless' and "
            f"{who}.moe.impl auto|ragged|blocked, got dispatch={m.dispatch!r}, impl={m.impl!r}")
+  for key, allowed in (("template", TEMPLATES), ("image_aspect", ASPECTS)):
+    if c.data[key] not in allowed:
+      fail(f"data.{key}", f"{c.data[key]!r}: expected one of {allowed}")
   if STAGES[c.stage] in ("mimic", "preference") and c.teacher.init == "none":
     fail("teacher.init", f"stage {c.stage!r} needs a teacher")
   if c.teacher.init == "offline":
@@ -268,14 +289,34 @@ def validate(c: ml_collections.ConfigDict, *, data: bool = True) -> None:
 
 
 def check_files(c: ml_collections.ConfigDict) -> None:
-  """Every data file the config names exists (local or gs://): a mistyped path fails before
-  anything is loaded, naming the key and the position in its list."""
+  """Every file and directory the config names exists (local or gs://): a mistyped path fails
+  before anything is loaded, naming the key (and the position in its list)."""
   from llavamod_jax import fileutil  # noqa: PLC0415
+
+  def missing(p: str) -> bool:
+    return not fileutil.path(p).exists()
 
   for key in ("train_files", "eval_files", "report_files"):
     for i, f in enumerate(c.data[key]):
-      if not fileutil.path(f).exists():
+      if missing(f):
         raise ConfigError(f"config.data.{key}: [{i}] {f!r}: no such file")
+  for key in ("image_root", "tokenizer"):
+    if c.data[key] and missing(c.data[key]):
+      raise ConfigError(f"config.data.{key}: {c.data[key]!r}: no such directory")
+  for who in ("student", "teacher"):
+    src = c[who]
+    keys = {"hf": ["hf_dir"], "workdir": ["workdir"], "compose": ["vision_hf_dir", "llm_hf_dir"],
+            "scratch": ["vision_hf_dir"]}.get(src.init, [])
+    if src.init == "hf":
+      keys.append("vision_hf_dir")  # an original checkpoint's image tower, when given
+    if src.init == "offline":
+      keys = ["logits_dir"]
+    for key in keys:
+      if src[key] and missing(src[key]):
+        what = {"workdir": " (a previous stage's training workdir; train that stage first or "
+                "point the key at its workdir)", "logits_dir": " (launch/teacher_logits.py "
+                "writes it)"}.get(key, "")
+        raise ConfigError(f"config.{who}.{key}: {src[key]!r}: no such directory{what}")
 
 
 def resolve_batch(c: ml_collections.ConfigDict, mesh) -> int:

@@ -1,8 +1,9 @@
 """The training loop of every stage: models -> devices -> data -> step -> restore -> train -> report.
 
-Reads top to bottom: build what the config names, place it on the mesh, restore the latest checkpoint
-of the workdir if there is one (params, optimizer state, step, rng and the data iterator, so the run
-continues on exactly the batches it would have seen), then step, log, evaluate and checkpoint. Side
+Reads top to bottom: build what the config names, place it on the mesh, restore the newest checkpoint
+of the workdir that restores, if there is one (params, optimizer state, step, rng and the data
+iterator, so the run continues on exactly the batches it would have seen; a changed config or a
+damaged checkpoint is handled by train/resume.py), then step, log, evaluate and checkpoint. Side
 effects live here: files, logging, signals.
 
 WORKDIR layout: checkpoints/<step>/ (checkpoint.py), tokenizer/, run.json (what readers need:
@@ -32,7 +33,7 @@ import numpy as np
 from llavamod_jax import checkpoint, distributed, fileutil, sharding
 from llavamod_jax import workdir as workdir_lib
 from llavamod_jax.data import pipeline
-from llavamod_jax.train import build, metrics, on_policy, optim, steps
+from llavamod_jax.train import build, metrics, on_policy, optim, resume, steps
 from llavamod_jax.train import config as config_lib
 from llavamod_jax.train.config import STAGES, LossConfig, validate
 
@@ -52,75 +53,89 @@ def run(cfg, workdir) -> dict[str, float]:
   kind = STAGES[cfg.stage]
 
   # ------------------------------------------------------------------------------------------
-  # Models: the tokenizer, the teacher (mimic, preference), the student.
-  # ------------------------------------------------------------------------------------------
-  tokenizer = build.tokenizer_for(cfg)
-  teacher, teacher_params, stored = None, None, None
-  if kind in ("mimic", "preference") and cfg.teacher.init != "offline":
-    teacher, teacher_params = build.load_model(cfg.teacher, tokenizer, cfg, role="teacher")
-  student, params = build.load_model(cfg.student, tokenizer, cfg, role="student")
-  if cfg.teacher.init == "offline":  # no teacher in memory: its top-k logits come with the data
-    stored = build.stored_teacher_logits(cfg, student)
-    log.info("teacher: stored top-%d logits of %d records in %s", stored.top_k, len(stored),
-             cfg.teacher.logits_dir)
-  write_run_info(workdir, cfg, student, tokenizer)
-
-  # ------------------------------------------------------------------------------------------
-  # Devices: the mesh; every parameter split by its logical axes.
+  # Devices: the mesh (a per-device batch makes the global batch from it).
   # ------------------------------------------------------------------------------------------
   mesh = sharding.make_mesh(cfg.mesh)
   config_lib.resolve_batch(cfg, mesh)
-  params = sharding.place(student, params, mesh)
-  if teacher is not None:
-    teacher_params = sharding.place(teacher, teacher_params, mesh)
 
-  # ------------------------------------------------------------------------------------------
-  # Data: an endless, checkpointable iterator over this process's rows of every global batch.
-  # ------------------------------------------------------------------------------------------
-  data = build.data_pipeline(cfg, tokenizer, student, teacher, cfg.data.train_files, seed=cfg.seed,
-                             shuffle=cfg.data.shuffle, num_epochs=None, weights=cfg.data.weights,
-                             stored=stored)
-  data_iter = iter(data)
+  # Orbax's manager runs background threads: closed on every way out, or they outlive the error.
+  with checkpoint.manager(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints) as mngr:
+    # ----------------------------------------------------------------------------------------
+    # Restart: the workdir's run goes on only with the data it was trained on (train/resume.py).
+    # ----------------------------------------------------------------------------------------
+    changes = []
+    previous = resume.previous_config(workdir) if mngr.latest_step() is not None else None
+    if previous is not None:
+      changes = resume.config_changes(previous, cfg)
+      resume.check_data(workdir, changes)
 
-  # ------------------------------------------------------------------------------------------
-  # Optimizer, state, steps.
-  # ------------------------------------------------------------------------------------------
-  tx, schedule = optim.from_config(cfg.optimizer, cfg.total_steps)
-  patterns = optim.trainable_patterns(cfg.trainable)
-  state = sharding.replicate_unplaced(steps.init_state(params, patterns, tx, cfg.seed), mesh)
-  del params
-  loss_cfg = LossConfig(**cfg.loss.to_dict())
-  if stored is not None:  # the student's logits cut to the vocabulary the top-k was taken over
-    loss_cfg = dataclasses.replace(loss_cfg, vocab_size=stored.meta["vocab_size"])
-  train_step = steps.make_train_step(kind, student, teacher, tx, loss_cfg,
-                                     grad_accum_steps=cfg.optimizer.grad_accum_steps,
-                                     schedule=schedule)
-  sample = on_policy_sampler(cfg, tokenizer, student, teacher)
-  evaluate = (held_out_evaluation(cfg, tokenizer, student, teacher, mesh, stored, loss_cfg)
-              if cfg.eval_every else None)
+    # ----------------------------------------------------------------------------------------
+    # Models: the tokenizer, the teacher (mimic, preference), the student.
+    # ----------------------------------------------------------------------------------------
+    tokenizer = build.tokenizer_for(cfg)
+    teacher, teacher_params, stored = None, None, None
+    if kind in ("mimic", "preference") and cfg.teacher.init != "offline":
+      teacher, teacher_params = build.load_model(cfg.teacher, tokenizer, cfg, role="teacher")
+    student, params = build.load_model(cfg.student, tokenizer, cfg, role="student")
+    if cfg.teacher.init == "offline":  # no teacher in memory: its top-k logits come with the data
+      stored = build.stored_teacher_logits(cfg, student)
+      log.info("teacher: stored top-%d logits of %d records in %s", stored.top_k, len(stored),
+               cfg.teacher.logits_dir)
+    params = sharding.place(student, params, mesh)  # every parameter split by its logical axes
+    if teacher is not None:
+      teacher_params = sharding.place(teacher, teacher_params, mesh)
 
-  # ------------------------------------------------------------------------------------------
-  # Restore: the latest checkpoint of the workdir, if any.
-  # ------------------------------------------------------------------------------------------
-  mngr = checkpoint.manager(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
-  writer = metrics.MetricWriter(workdir)
-  start = mngr.latest_step() or 0
-  if start:
-    state = sharding.replicate_unplaced(restore(mngr, start, state, patterns, data_iter), mesh)
-    writer.truncate_after(start)
-    log.info("resumed from %s/checkpoints/%d", workdir, start)
+    # ----------------------------------------------------------------------------------------
+    # Data: an endless, checkpointable iterator over this process's rows of every global batch.
+    # ----------------------------------------------------------------------------------------
+    data = build.data_pipeline(cfg, tokenizer, student, teacher, cfg.data.train_files,
+                               seed=cfg.seed, shuffle=cfg.data.shuffle, num_epochs=None,
+                               weights=cfg.data.weights, stored=stored)
+    data_iter = iter(data)
 
-  # ------------------------------------------------------------------------------------------
-  # Train: step, log, evaluate, save.
-  # ------------------------------------------------------------------------------------------
-  n_trainable = sum(x.size for x in jax.tree.leaves(state.params))
-  log.info("stage %s (%s step): %d steps from %d, %s trainable parameters, batch %d, workdir %s",
-           cfg.stage, kind, cfg.total_steps, start, f"{n_trainable:,}", cfg.data.batch_size, workdir)
-  last, pending, skipped = {}, [], 0
-  t0, tokens = time.time(), 0
-  step = start
-  with _preemption() as preempted:
-    try:
+    # ----------------------------------------------------------------------------------------
+    # Optimizer, state, steps.
+    # ----------------------------------------------------------------------------------------
+    tx, schedule = optim.from_config(cfg.optimizer, cfg.total_steps)
+    patterns = optim.trainable_patterns(cfg.trainable)
+    state = sharding.replicate_unplaced(steps.init_state(params, patterns, tx, cfg.seed), mesh)
+    del params
+    loss_cfg = LossConfig(**cfg.loss.to_dict())
+    if stored is not None:  # the student's logits cut to the vocabulary the top-k was taken over
+      loss_cfg = dataclasses.replace(loss_cfg, vocab_size=stored.meta["vocab_size"])
+    train_step = steps.make_train_step(kind, student, teacher, tx, loss_cfg,
+                                       grad_accum_steps=cfg.optimizer.grad_accum_steps,
+                                       schedule=schedule)
+    sample = on_policy_sampler(cfg, tokenizer, student, teacher)
+    evaluate = (held_out_evaluation(cfg, tokenizer, student, teacher, mesh, stored, loss_cfg)
+                if cfg.eval_every else None)
+
+    # ----------------------------------------------------------------------------------------
+    # Restore: the newest checkpoint of the workdir that restores (damaged ones are set aside).
+    # ----------------------------------------------------------------------------------------
+    restored = resume.restore_newest(
+        mngr, lambda step: restore(mngr, step, state, patterns, data_iter), workdir=workdir,
+        expected={checkpoint.PARAMS: state.full_params(), checkpoint.OPT_STATE: state.opt_state},
+        changes=changes, model_cfg=student.cfg)
+    start, writer = 0, metrics.MetricWriter(workdir)
+    if restored is not None:
+      start, state = restored
+      state = sharding.replicate_unplaced(state, mesh)
+      writer.truncate_after(start)
+      log.info("resumed from %s/checkpoints/%d", workdir, start)
+    write_run_info(workdir, cfg, student, tokenizer)
+
+    # ----------------------------------------------------------------------------------------
+    # Train: step, log, evaluate, save.
+    # ----------------------------------------------------------------------------------------
+    n_trainable = sum(x.size for x in jax.tree.leaves(state.params))
+    log.info("stage %s (%s step): %d steps from %d, %s trainable parameters, batch %d, workdir %s",
+             cfg.stage, kind, cfg.total_steps, start, f"{n_trainable:,}", cfg.data.batch_size,
+             workdir)
+    last, pending, skipped = {}, [], 0
+    t0, tokens = time.time(), 0
+    step = start
+    with _preemption() as preempted, contextlib.closing(writer):
       while step < cfg.total_steps:
         batch = next(data_iter)
         if sample is not None:
@@ -157,10 +172,6 @@ def run(cfg, workdir) -> dict[str, float]:
         if stopping:
           log.warning("SIGTERM: saved checkpoint %d, exiting", step)
           break
-    finally:
-      mngr.wait_until_finished()
-      mngr.close()
-      writer.close()
 
   # ------------------------------------------------------------------------------------------
   # Report.
