@@ -1,4 +1,5 @@
-"""The training loop of every stage: models -> devices -> data -> step -> restore -> train -> report.
+"""The training loop of every stage: devices -> restart check -> models -> data -> step -> restore ->
+train -> report.
 
 Reads top to bottom: build what the config names, place it on the mesh, restore the newest checkpoint
 of the workdir that restores, if there is one (params, optimizer state, step, rng and the data

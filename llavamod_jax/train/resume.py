@@ -191,7 +191,8 @@ def _model_details(mngr, step: int, model_cfg, problems: list[str]) -> list[str]
 
 
 def _reason(e: BaseException) -> str:
-  """The most specific message of an exception chain, on one line (TensorStore's come nested)."""
+  """The shortest message of an exception chain, on one line: TensorStore's outer errors carry
+  the whole store spec, the inner ones say what went wrong."""
   messages = []
   while e is not None and len(messages) < 8:
     messages.append(f"{type(e).__name__}: {' '.join(str(e).split())}")
