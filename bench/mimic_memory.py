@@ -1,5 +1,6 @@
 """Peak memory of the mimic step at Qwen2's vocabulary (151,936): chunked vs naive KL, against a
-student-only CE (SFT) step — from XLA's compiled memory analysis, so the numbers are exact and do not
+student-only CE (SFT) step, the chunked losses fused with the LM heads (the default) and as
+checkpointed chunks — from XLA's compiled memory analysis, so the numbers are exact and do not
 depend on machine load.
 
     python bench/mimic_memory.py [--quick]
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 
 import benchutil as bu
 import jax_steps as js
-from llavamod_jax import losses, models, moe
+from llavamod_jax import models, moe
 from llavamod_jax.train import optim, steps
 
 
@@ -25,29 +26,10 @@ def _abstract(model):
                       nn.unbox(models.abstract_params(model)))
 
 
-def chunked_ce_loss(student, teacher, cfg: steps.LossConfig):
-  """A student-only CE loss computed from hidden states in chunks (steps' "sft" always builds full
-  logits); registered below as the bench-only step kind "sft_chunked"."""
-  del teacher
-
-  def fn(params, teacher_params, batch, rng, train):
-    del teacher_params, rng
-    out, state = student.apply({"params": params}, batch["input_ids"], None, batch["attention_mask"],
-                               train=train, compute_logits=False, mutable=["moe"])
-    targets, mask = losses.next_token_targets(batch["labels"])
-    head = lambda h: student.apply({"params": params}, h, method=student.logits)
-    ce = losses.chunked_cross_entropy(out.hidden_states, head, targets, mask, chunk_size=cfg.chunk_size)
-    loss = ce + cfg.aux_coef * moe.aux_losses(state.get("moe", {}))["load_balancing_loss"]
-    return loss, {"loss": loss, "ce": ce}
-  return fn
-
-
-steps.LOSSES.setdefault("sft_chunked", chunked_ce_loss)
-
-
-def measure(kind: str, chunk: int, teacher, tparams, student, sparams, batch) -> dict[str, float]:
+def measure(kind: str, chunk: int, teacher, tparams, student, sparams, batch,
+            fused: bool = True) -> dict[str, float]:
   tx, _ = optim.adamw(1e-4, total_steps=10)
-  cfg = steps.LossConfig(ce_weight=1.0, chunk_size=chunk)
+  cfg = steps.LossConfig(ce_weight=1.0, chunk_size=chunk, fused=fused)
   step = steps.make_train_step(kind, student, teacher, tx, cfg)
   state = jax.eval_shape(lambda p: steps.init_state(p, js.TRAINABLE["ffn"] + [r"embed_tokens/.*",
                                                                               r"lm_head/.*"], tx), sparams)
@@ -65,13 +47,15 @@ def run(profile: bu.Profile, log=print) -> dict:
   tparams, sparams = _abstract(teacher), _abstract(student)
   ids = jax.ShapeDtypeStruct((p.mem_batch, p.mem_seq), jnp.int32)
   batch = {"input_ids": ids, "attention_mask": ids, "labels": ids}
+  chunked = f"mimic, chunked KL ({p.mem_chunk} positions), fused LM heads"
   rows = {
       "student-only CE step (sft)": measure("sft", 0, teacher, tparams, student, sparams, batch),
-      f"student-only CE step, chunked CE ({p.mem_chunk})": measure("sft_chunked", p.mem_chunk, teacher,
+      f"student-only CE step, chunked CE ({p.mem_chunk})": measure("sft", p.mem_chunk, teacher,
                                                                   tparams, student, sparams, batch),
       "mimic, naive KL": measure("mimic", 0, teacher, tparams, student, sparams, batch),
-      f"mimic, chunked KL ({p.mem_chunk} positions)": measure("mimic", p.mem_chunk, teacher, tparams,
-                                                             student, sparams, batch),
+      f"mimic, chunked KL ({p.mem_chunk} positions), checkpointed chunks": measure(
+          "mimic", p.mem_chunk, teacher, tparams, student, sparams, batch, fused=False),
+      chunked: measure("mimic", p.mem_chunk, teacher, tparams, student, sparams, batch),
   }
   ce = rows["student-only CE step (sft)"]["peak"]
   ce_chunked = rows[f"student-only CE step, chunked CE ({p.mem_chunk})"]["peak"]
@@ -82,7 +66,7 @@ def run(profile: bu.Profile, log=print) -> dict:
   return {"vocab": p.mem_vocab, "batch": p.mem_batch, "seq": p.mem_seq, "chunk": p.mem_chunk,
           "teacher": p.mem_teacher.describe(), "student": p.mem_student.describe(),
           "logits_mib": p.mem_batch * p.mem_seq * p.mem_vocab * 4 / 2**20, "rows": rows,
-          "chunked_key": f"mimic, chunked KL ({p.mem_chunk} positions)"}
+          "chunked_key": chunked}
 
 
 def markdown(res: dict) -> str:

@@ -368,6 +368,242 @@ def chunked_cross_entropy(hidden, head: Callable, targets, mask, *, chunk_size: 
 
 
 # ---------------------------------------------------------------------------------------------
+# Fused LM head + loss: the student's gradient computed in the forward pass, chunk by chunk.
+# ---------------------------------------------------------------------------------------------
+
+
+def _zero_like(x):
+  return jnp.zeros(x.shape, x.dtype)
+
+
+def _fused_sum(per_chunk: Callable, head_fn: Callable, head_params, hidden, trained, xs, consts, *,
+               size: int, head_grad: bool, hidden_grad: bool, zeros: tuple):
+  """Sums of `per_chunk(logits, consts, *xs_chunk)` (a tuple of arrays shaped like `zeros`, the
+  first one differentiated: the gradient of its sum over elements) over `size`-position chunks of `hidden` [batch, seq, hidden], and the gradient of
+  the first sum with respect to `hidden` and `head_params`, where logits = head_fn(head_params,
+  hidden_chunk). Chunks without a `trained` position are skipped, as in `_sum_chunks`.
+  -> (sums, d hidden [batch, seq, hidden] or None, d head_params or None)."""
+
+  def chunk(h, *x):
+    def f(hp, h_):
+      out = per_chunk(head_fn(hp, h_), consts, *x)
+      return out[0], out
+    one = jnp.ones_like(zeros[0])
+    g_h = g_hp = None
+    if head_grad and hidden_grad:
+      _, vjp, out = jax.vjp(f, head_params, h, has_aux=True)
+      g_hp, g_h = vjp(one)
+    elif head_grad:
+      _, vjp, out = jax.vjp(lambda hp: f(hp, h), head_params, has_aux=True)
+      (g_hp,) = vjp(one)
+    elif hidden_grad:
+      _, vjp, out = jax.vjp(lambda h_: f(head_params, h_), h, has_aux=True)
+      (g_h,) = vjp(one)
+    else:
+      out = f(head_params, h)[1]
+    return out, g_h, g_hp
+
+  zeros_hp = jax.tree.map(_zero_like, head_params) if head_grad else None
+  if hidden.shape[1] <= size:
+    out, g_h, g_hp = chunk(hidden, *xs)
+    return out, g_h, g_hp
+
+  b, s = hidden.shape[:2]
+  order = jnp.argsort(~trained, axis=1, stable=True)
+  sort = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa
+  h_c = _chunks(sort(hidden), size)
+  xs_c = tuple(_chunks(sort(x), size) for x in xs)
+  live_c = _chunks(sort(trained), size)
+
+  def skip(h, *x):
+    return zeros, (_zero_like(h) if hidden_grad else None), zeros_hp
+
+  def body(carry, c):
+    total, acc = carry
+    h, live, *x = c
+    out, g_h, g_hp = jax.lax.cond(jnp.any(live), chunk, skip, h, *x)
+    total = jax.tree.map(jnp.add, total, out)
+    acc = jax.tree.map(jnp.add, acc, g_hp) if head_grad else acc
+    return (total, acc), g_h
+
+  (total, g_hp), g_h = jax.lax.scan(body, (zeros, zeros_hp), (h_c, live_c, *xs_c))
+  if g_h is not None:
+    g_h = jnp.moveaxis(g_h, 0, 1).reshape(b, -1, hidden.shape[-1])[:, :s]
+    inverse = jnp.argsort(order, axis=1)
+    g_h = jnp.take_along_axis(g_h, inverse[..., None], axis=1)
+  return total, g_h, g_hp
+
+
+def _fused(per_chunk: Callable, head_fn: Callable, head_params, hidden, trained, xs, consts, *,
+           size: int, n_out: int = 3):
+  """`_fused_sum`'s sums under a custom VJP: differentiated, the forward pass also computes the
+  gradient of the first sum (the loss) with respect to `hidden` and `head_params` (only those being
+  differentiated: a frozen head costs no weight gradient), and the backward pass scales it by the
+  incoming cotangent. Neither head runs again in the backward pass and no logits are kept for it:
+  the residuals are one [batch, seq, hidden] array and one head-sized array. The other sums are
+  values only (their cotangents are dropped; callers stop their gradient)."""
+  kw = dict(size=size, zeros=tuple(jnp.float32(0) for _ in range(n_out)))
+
+  @jax.custom_vjp
+  def run(hp, h, xs_, consts_):
+    return _fused_sum(per_chunk, head_fn, hp, h, trained, xs_, consts_, head_grad=False,
+                      hidden_grad=False, **kw)[0]
+
+  def fwd(hp, h, xs_, consts_):
+    head_grad = any(leaf.perturbed for leaf in jax.tree.leaves(hp))
+    hidden_grad = h.perturbed
+    value = lambda t: jax.tree.map(lambda leaf: leaf.value, t)  # noqa: E731
+    hp_v, h_v = value(hp), h.value
+    out, g_h, g_hp = _fused_sum(per_chunk, head_fn, hp_v, h_v, trained, value(xs_), value(consts_),
+                                head_grad=head_grad, hidden_grad=hidden_grad, **kw)
+    return out, (g_h, g_hp)
+
+  def bwd(res, ct):
+    g_h, g_hp = res
+    c = ct[0]
+    if isinstance(c, jax.custom_derivatives.SymbolicZero):
+      return None, None, None, None
+    scale = lambda g: None if g is None else (g * c).astype(g.dtype)  # noqa: E731
+    return (jax.tree.map(scale, g_hp) if g_hp is not None else None, scale(g_h), None, None)
+
+  run.defvjp(fwd, bwd, symbolic_zeros=True)
+  out = run(head_params, hidden, xs, consts)
+  return (out[0],) + tuple(jax.lax.stop_gradient(o) for o in out[1:])
+
+
+def fused_distillation(student_hidden, student_head_params, student_head_fn: Callable, teacher_hidden,
+                       teacher_head_params, teacher_head_fn: Callable, kl_mask, targets, ce_mask, *,
+                       kl_weight: float = 1.0, ce_weight: float = 0.0, chunk_size: int = 256,
+                       temperature: float = 1.0, vocab_size: int | None = None,
+                       objective: str = "forward_kl", alpha: float = 0.1,
+                       beta: float = 0.5) -> dict[str, jax.Array]:
+  """`chunked_distillation` with the LM heads fused into the loss: "loss" = kl_weight * kl +
+  ce_weight * ce, differentiable with respect to `student_hidden` and `student_head_params` (the
+  parameters `student_head_fn(params, hidden) -> logits` reads; `models.lm_head`); "kl" and "ce" are
+  its parts, values only. The gradient is computed chunk by chunk in the forward pass (`_fused`):
+  per chunk both heads run once and the student's logit gradient goes straight into the hidden-state
+  and head-weight gradients, so the backward pass runs neither head again (the checkpointed chunks
+  of `chunked_distillation` run both heads twice)."""
+  objective = objective_of(objective, reverse=False)
+  kl_count = jnp.maximum(jnp.sum(kl_mask.astype(jnp.float32)), 1.0)
+  ce_count = jnp.maximum(jnp.sum(ce_mask.astype(jnp.float32)), 1.0)
+  kl_scale, ce_scale = kl_weight * temperature**2 / kl_count, ce_weight / ce_count
+
+  def per_chunk(s_full, consts, th, km, tgt, cm):
+    t_params, kl_scale_, ce_scale_ = consts
+    t_full = jax.lax.stop_gradient(teacher_head_fn(t_params, th))
+    s_logits, t_logits = common_vocab(s_full, t_full, vocab_size)
+    per_token = token_divergence(s_logits, t_logits, temperature, objective, alpha, beta)
+    kl = jnp.sum(jnp.where(km.astype(bool), per_token, 0.0))
+    ce = jnp.sum(-token_logps(s_full, tgt) * cm)
+    return kl * kl_scale_ + ce * ce_scale_, kl, ce
+
+  trained = kl_mask.astype(bool) | ce_mask.astype(bool)
+  loss, kl, ce = _fused(per_chunk, student_head_fn, student_head_params, student_hidden, trained,
+                        (jax.lax.stop_gradient(teacher_hidden), kl_mask, targets, ce_mask),
+                        (teacher_head_params, kl_scale, ce_scale), size=chunk_size, n_out=3)
+  return {"loss": loss, "kl": kl / kl_count * temperature**2, "ce": ce / ce_count}
+
+
+def fused_topk_distillation(student_hidden, student_head_params, student_head_fn: Callable,
+                            teacher_topk_logits, teacher_topk_ids, teacher_logsumexp, kl_mask, targets,
+                            ce_mask, *, kl_weight: float = 1.0, ce_weight: float = 0.0,
+                            chunk_size: int = 256, temperature: float = 1.0,
+                            vocab_size: int | None = None, objective: str = "forward_kl",
+                            alpha: float = 0.1, beta: float = 0.5) -> dict[str, jax.Array]:
+  """`chunked_topk_distillation` fused as `fused_distillation` is: the teacher's stored top-k."""
+  logits, ids, lse = sanitize_topk(jax.lax.stop_gradient(teacher_topk_logits), teacher_topk_ids,
+                                   jax.lax.stop_gradient(teacher_logsumexp), kl_mask)
+  kl_count = jnp.maximum(jnp.sum(kl_mask.astype(jnp.float32)), 1.0)
+  ce_count = jnp.maximum(jnp.sum(ce_mask.astype(jnp.float32)), 1.0)
+  kl_scale, ce_scale = kl_weight * temperature**2 / kl_count, ce_weight / ce_count
+
+  def per_chunk(s_full, consts, t, i, z, km, tgt, cm):
+    kl_scale_, ce_scale_ = consts
+    s_logits = s_full[..., :vocab_size] if vocab_size else s_full
+    per_token = token_topk_divergence(s_logits, t, i, z, temperature, objective, alpha, beta)
+    kl = jnp.sum(jnp.where(km.astype(bool), per_token, 0.0))
+    ce = jnp.sum(-token_logps(s_full, tgt) * cm)
+    return kl * kl_scale_ + ce * ce_scale_, kl, ce
+
+  trained = kl_mask.astype(bool) | ce_mask.astype(bool)
+  loss, kl, ce = _fused(per_chunk, student_head_fn, student_head_params, student_hidden, trained,
+                        (logits, ids, lse, kl_mask, targets, ce_mask), (kl_scale, ce_scale),
+                        size=chunk_size, n_out=3)
+  return {"loss": loss, "kl": kl / kl_count * temperature**2, "ce": ce / ce_count}
+
+
+def fused_cross_entropy(hidden, head_params, head_fn: Callable, targets, mask, *,
+                        chunk_size: int = 256) -> jax.Array:
+  """`chunked_cross_entropy` with the LM head fused into the loss (see `fused_distillation`)."""
+  count = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+
+  def per_chunk(logits, consts, tgt, m):
+    (inv_count,) = consts
+    return (jnp.sum(-token_logps(logits, tgt) * m) * inv_count,)
+
+  (ce,) = _fused(per_chunk, head_fn, head_params, hidden, mask.astype(bool), (targets, mask),
+                 (1.0 / count,), size=chunk_size, n_out=1)
+  return ce
+
+
+def _row_logps(logits, consts, tgt, m):
+  del consts
+  return (jnp.sum(token_logps(logits, tgt) * m, axis=-1),)
+
+
+def chunked_sequence_logps(hidden, head: Callable, labels, *, chunk_size: int = 256):
+  """`sequence_logps` (summed) from final hidden states, `chunk_size` positions of logits at a
+  time, checkpointed chunks as in `chunked_cross_entropy`."""
+  targets, mask = next_token_targets(labels)
+
+  def chunk(h, tgt, m):
+    return _row_logps(head(h), None, tgt, m)[0]
+
+  zero = jnp.zeros(hidden.shape[:1], jnp.float32)
+  return _sum_chunks(chunk, mask, (hidden, targets, mask), zero, chunk_size)
+
+
+def fused_sequence_logps(hidden, head_params, head_fn: Callable, labels, *,
+                         chunk_size: int = 256) -> jax.Array:
+  """`sequence_logps` (summed, [batch]) with the LM head fused in (see `fused_distillation`): the
+  forward pass computes each row's log-prob gradient with respect to its hidden states, and the
+  backward pass scales row b by its cotangent. The head weights' gradient mixes the rows by their
+  cotangents, which the forward pass does not know: when the head is being differentiated, the
+  backward pass runs the head again over the chunks for it (the preference stage trains the FFNs and
+  the projector, so its head is frozen and this never runs)."""
+  targets, mask = next_token_targets(labels)
+  zeros = (jnp.zeros(hidden.shape[:1], jnp.float32),)
+  kw = dict(size=chunk_size, zeros=zeros)
+
+  @jax.custom_vjp
+  def run(hp, h):
+    return _fused_sum(_row_logps, head_fn, hp, h, mask, (targets, mask), None, head_grad=False,
+                      hidden_grad=False, **kw)[0][0]
+
+  def fwd(hp, h):
+    head_grad = any(leaf.perturbed for leaf in jax.tree.leaves(hp))
+    hp_v = jax.tree.map(lambda leaf: leaf.value, hp)
+    out, g_h, _ = _fused_sum(_row_logps, head_fn, hp_v, h.value, mask, (targets, mask), None,
+                             head_grad=False, hidden_grad=h.perturbed, **kw)
+    return out[0], (g_h, hp_v if head_grad else None, h.value if head_grad else None)
+
+  def bwd(res, ct):
+    g_h, hp_v, h_v = res
+    if isinstance(ct, jax.custom_derivatives.SymbolicZero):
+      return None, None
+    d_h = None if g_h is None else (g_h * ct[:, None, None]).astype(g_h.dtype)
+    d_hp = None
+    if hp_v is not None:
+      d_hp = jax.grad(lambda hp: jnp.sum(ct * chunked_sequence_logps(
+          h_v, lambda x: head_fn(hp, x), labels, chunk_size=chunk_size)))(hp_v)
+    return d_hp, d_h
+
+  run.defvjp(fwd, bwd, symbolic_zeros=True)
+  return run(head_params, hidden)
+
+
+# ---------------------------------------------------------------------------------------------
 # Preference distillation (the teacher is the reference model).
 # ---------------------------------------------------------------------------------------------
 

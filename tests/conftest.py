@@ -6,7 +6,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+import needs  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def torch():
-  return pytest.importorskip("torch")
+  return needs.module("torch")

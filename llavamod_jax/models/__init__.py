@@ -6,7 +6,7 @@ from llavamod_jax.models.llm import DecoderLM, init_cache
 from llavamod_jax.models.vision import VisionTower
 
 __all__ = ["DecoderLM", "Llava", "LlavaConfig", "TextConfig", "VisionConfig", "VisionTower", "build",
-           "init_cache", "abstract_params", "init_params", "dummy_inputs", "forward"]
+           "init_cache", "abstract_params", "init_params", "dummy_inputs", "forward", "lm_head"]
 
 
 def build(cfg):
@@ -67,3 +67,23 @@ def forward(model, params, batch, prefix: str = "", *, train: bool = False, rng=
                            get("attention_mask"), image_mask=get("image_mask"), train=train,
                            compute_logits=logits, mutable=["moe"], rngs=rngs)
   return out, state.get("moe", {})
+
+
+def lm_head(model, params):
+  """The LM head alone, for losses that differentiate it apart from the model (losses.fused_*):
+  -> (head_params, fn) with head_params the part of `params` the head reads (the `lm_head` kernel,
+  or the token embedding when the embeddings are tied; same nesting as in `params`) and
+  fn(head_params, hidden_states) -> logits, what `model.logits` computes."""
+  text = model.cfg.text if isinstance(model.cfg, LlavaConfig) else model.cfg
+  path = ("language_model",) if isinstance(model.cfg, LlavaConfig) else ()
+  name = "embed_tokens" if text.tie_word_embeddings else "lm_head"
+  sub = params
+  for key in path:
+    sub = sub[key]
+  head = {name: sub[name]}
+  for key in reversed(path):
+    head = {key: head}
+
+  def fn(head_params, hidden_states):
+    return model.apply({"params": head_params}, hidden_states, method=model.logits)
+  return head, fn

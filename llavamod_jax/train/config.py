@@ -55,6 +55,9 @@ class LossConfig:
   on_policy_max_new_tokens: int = 64
   shift_mask: bool = True  # False: the original's off-by-one distillation mask
   chunk_size: int = 0  # > 0: KL / CE over sequence chunks of this many positions, no full logits
+  # with chunk_size > 0: the LM heads fused into the loss, the student's gradient computed in the
+  # forward pass (losses.fused_*: no head runs twice); False: checkpointed chunks
+  fused: bool = True
   vocab_size: int = 0  # distil over the first N logits; 0: the smaller of the two vocabularies
   beta: float = 0.1  # preference: the DPO beta
   loss_type: str = "sigmoid"  # preference: sigmoid (DPO) | kto_pair | ipo | hinge

@@ -7,6 +7,7 @@ optimizer state, so frozen parameters cost no gradient memory, no Adam moments, 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Sequence
 
@@ -68,8 +69,10 @@ def merge(trainable, frozen):
 
 def learning_rate_schedule(lr: float, total_steps: int, warmup_ratio: float = 0.03,
                            end_ratio: float = 0.0) -> optax.Schedule:
-  """Linear warmup then cosine decay, as the original's HF Trainer (warmup_ratio 0.03, cosine)."""
-  warmup = int(round(total_steps * warmup_ratio))
+  """Linear warmup then cosine decay, as the original's HF Trainer (warmup_ratio 0.03, cosine):
+  ceil(total_steps * warmup_ratio) warmup steps (`TrainingArguments.get_warmup_steps`), the rate at
+  update k (from 0) = lr * k / warmup, then the cosine down to lr * end_ratio."""
+  warmup = math.ceil(total_steps * warmup_ratio)
   if total_steps <= warmup:
     return optax.linear_schedule(0.0, lr, max(warmup, 1))
   return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps, end_value=lr * end_ratio)

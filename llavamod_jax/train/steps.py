@@ -85,7 +85,11 @@ def sft_loss(student, cfg: LossConfig):
     chunked = cfg.chunk_size > 0  # no full-vocabulary logits (bench/mimic_memory.py)
     out, moe_state = models.forward(student, params, batch, train=train, rng=rng,
                                     logits=not chunked)
-    if chunked:
+    if chunked and cfg.fused:
+      targets, mask = losses.next_token_targets(batch["labels"])
+      ce = losses.fused_cross_entropy(out.hidden_states, *models.lm_head(student, params), targets,
+                                      mask, chunk_size=cfg.chunk_size)
+    elif chunked:
       head = lambda h: student.apply({"params": params}, h, method=student.logits)  # noqa: E731
       targets, mask = losses.next_token_targets(batch["labels"])
       ce = losses.chunked_cross_entropy(out.hidden_states, head, targets, mask,
@@ -134,7 +138,25 @@ def mimic_loss(student, teacher, cfg: LossConfig):
       else:  # different prompt lengths: pair the response positions of both, in order
         s_kl, t_repr, kl_mask_kl = losses.pair_positions(
             s_repr, kl_mask, t_repr, losses.distill_mask(batch["teacher_labels"], cfg.shift_mask))
-    if chunked:
+    fused = None  # the fused losses' differentiable kl_weight * kl + ce_weight * ce
+    if chunked and cfg.fused:
+      s_head = models.lm_head(student, params)
+      with_ce = bool(cfg.ce_weight) and aligned  # one pass computes both when positions line up
+      ce_mask_kl = ce_mask if with_ce else jnp.zeros_like(ce_mask)
+      weights = dict(kl_weight=cfg.kl_weight, ce_weight=cfg.ce_weight if with_ce else 0.0,
+                     chunk_size=cfg.chunk_size, vocab_size=vocab, **div_kw)
+      if offline:
+        out = losses.fused_topk_distillation(s_kl, *s_head, *topk, kl_mask_kl, targets, ce_mask_kl,
+                                             **weights)
+      else:
+        out = losses.fused_distillation(s_kl, *s_head, t_repr, *models.lm_head(teacher, teacher_params),
+                                        kl_mask_kl, targets, ce_mask_kl, **weights)
+      fused, kl, ce = out["loss"], out["kl"], out["ce"] if with_ce else None
+      if cfg.ce_weight and not with_ce:
+        ce = losses.fused_cross_entropy(s_out.hidden_states, *s_head, targets, ce_mask,
+                                        chunk_size=cfg.chunk_size)
+        fused = fused + cfg.ce_weight * ce
+    elif chunked:
       head_s = lambda h: student.apply({"params": params}, h, method=student.logits)  # noqa: E731
       with_ce = bool(cfg.ce_weight) and aligned  # one pass computes both when positions line up
       ce_mask_kl = ce_mask if with_ce else jnp.zeros_like(ce_mask)
@@ -162,23 +184,42 @@ def mimic_loss(student, teacher, cfg: LossConfig):
       ce = jnp.sum(-losses.token_logps(s_out.logits, targets) * ce_mask) / jnp.maximum(
           jnp.sum(ce_mask.astype(jnp.float32)), 1.0)  # = losses.cross_entropy off-policy
     aux, aux_metrics = _aux_terms(moe_state, cfg)
-    loss = cfg.kl_weight * kl + aux
+    if fused is not None:
+      loss = fused + aux
+    else:
+      loss = cfg.kl_weight * kl + aux + (cfg.ce_weight * ce if ce is not None else 0.0)
     if ce is not None:
-      loss = loss + cfg.ce_weight * ce
       metrics["ce"] = ce
     return loss, {"loss": loss, "kl": kl, **metrics, **aux_metrics, **_moe_metrics(moe_state)}
   return fn
 
 
+def _sequence_logps(model, params, out, labels, cfg: LossConfig):
+  """Summed log-probs of each row's trained tokens: from full logits, or chunk by chunk from the
+  final hidden states (chunk_size > 0; fused or checkpointed chunks)."""
+  if not cfg.chunk_size:
+    return losses.sequence_logps(out.logits, labels)
+  if cfg.fused:
+    return losses.fused_sequence_logps(out.hidden_states, *models.lm_head(model, params), labels,
+                                       chunk_size=cfg.chunk_size)
+  head = lambda h: model.apply({"params": params}, h, method=model.logits)  # noqa: E731
+  return losses.chunked_sequence_logps(out.hidden_states, head, labels, chunk_size=cfg.chunk_size)
+
+
 def preference_loss(student, teacher, cfg: LossConfig):
+  chunked = cfg.chunk_size > 0
+
   def fn(params, teacher_params, batch, rng, train):
-    s_out, moe_state = models.forward(student, params, batch, train=train, rng=rng)
-    policy = losses.sequence_logps(s_out.logits, batch["labels"])
+    s_out, moe_state = models.forward(student, params, batch, train=train, rng=rng,
+                                      logits=not chunked)
+    policy = _sequence_logps(student, params, s_out, batch["labels"], cfg)
     if "reference_logps" in batch:
       reference = batch["reference_logps"]
     else:
-      t_out, _ = models.forward(teacher, teacher_params, batch, "teacher_", train=False)
-      reference = losses.sequence_logps(t_out.logits, batch.get("teacher_labels", batch["labels"]))
+      t_out, _ = models.forward(teacher, teacher_params, batch, "teacher_", train=False,
+                                logits=not chunked)
+      reference = _sequence_logps(teacher, teacher_params, t_out,
+                                  batch.get("teacher_labels", batch["labels"]), cfg)
     reference = jax.lax.stop_gradient(reference)
     half = policy.shape[0] // 2
     pref, metrics = losses.preference_loss(policy[:half], policy[half:], reference[:half],

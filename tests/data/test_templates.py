@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+import needs
 import text_tokenizers
 from llavamod_jax.data import templates
 from llavamod_jax.data.templates import IGNORE, LLAVA_SYSTEM, Encoder, TemplateError
@@ -21,7 +22,7 @@ def _bpe():
 def _qwen2():
   tok = text_tokenizers.qwen2()
   if tok is None:
-    pytest.skip("../shared/assets/qwen2-tokenizer not found")
+    needs.missing("../shared/assets/qwen2-tokenizer", "the shared folder beside the repository")
   return tok
 
 

@@ -2,7 +2,6 @@
 attention the models always had; cudnn and splash are refused off their platform; splash compiles
 for a TPU topology (where libtpu is installed) and holds far less temporary memory than the einsum."""
 
-import importlib.util
 import math
 import os
 
@@ -12,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import needs
 from llavamod_jax import models, sharding
 from llavamod_jax.models import attention as attn
 from llavamod_jax.models.configs import TextConfig, VisionConfig
@@ -126,8 +126,7 @@ def test_model_config_key_reaches_the_layers():
 # A TPU topology, compile-only (libtpu describes the chips; nothing runs).
 # ---------------------------------------------------------------------------------------------
 
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu is not installed (pip install -e '.[tpu]')")
+needs_libtpu = needs.libtpu
 
 
 @pytest.fixture(scope="module")

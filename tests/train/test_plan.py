@@ -1,7 +1,6 @@
 """train/plan.py and launch/plan.py: a stage planned from config.json files alone; what it counts
 against transformers and the optimizer's state; exit codes; a TPU slice where libtpu is installed."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+import needs
 import tiny_hf
 from llavamod_jax.train import config as config_lib
 from llavamod_jax.train import plan
@@ -155,8 +155,7 @@ def test_command_line_plan_exit_codes_and_bad_input(tmp_path):
   assert f"{tmp_path / 'nowhere'}: no config.json" in missing.stderr
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                    reason="libtpu is not installed (pip install -e '.[tpu]')")
+@needs.libtpu
 def test_plans_for_a_tpu_slice_without_a_tpu(tmp_path):
   _config_dirs(tmp_path)
   c = _mimic(tmp_path)
