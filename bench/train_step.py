@@ -161,7 +161,8 @@ Three steps, each timed interleaved (ours, transformers, ours, transformers, ...
 **mimic**, the paper's dense-to-sparse stage 1b (teacher forward without gradient + MoE student
 forward/backward + AdamW; loss KL(teacher || student) + CE + 0.01 x load balancing; FFN / experts /
 router trainable), ours with the full-logits KL and with the paper recipe's chunked KL
-(`LossConfig.chunk_size=512`), on rows whose last 75% of positions are trained; then the chunked step
+(`LossConfig.chunk_size=512`), both as fused LM heads + loss (the default) and as checkpointed chunks
+(`LossConfig.fused=False`), on rows whose last 75% of positions are trained; then the chunked step
 again on LLaVA-like rows where only the last 35% (the answer) is trained and the rest (image tokens,
 system prompt, question) is not: the chunked loss moves each row's trained positions to its front and
 skips the chunks (128 positions) that hold none, so both LM heads and the softmax / KL / CE over the
