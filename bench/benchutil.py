@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -77,6 +78,7 @@ class Profile:
   scale_repeats: int
   matmul_n: int
   with_expert_parallel: bool = True
+  tunix_batch: int = 1  # rows per step of the Tunix comparison (bench/tunix_step.py)
 
 
 FULL = Profile(
@@ -161,6 +163,28 @@ def _timed(f) -> float:
   t0 = time.perf_counter()
   f()
   return time.perf_counter() - t0
+
+
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "sve2")
+
+
+def cpu() -> dict:
+  """The CPU's model name and the ISA extensions that matter to matmul kernels (from
+  /proc/cpuinfo on Linux; the platform's processor string elsewhere)."""
+  model, flags = platform.processor() or platform.machine(), set()
+  try:
+    text = open("/proc/cpuinfo").read()
+  except OSError:
+    text = ""
+  for line in text.splitlines():
+    key, _, value = line.partition(":")
+    key = key.strip().lower()
+    if key in ("model name", "cpu model") and value.strip():
+      model = value.strip()
+    elif key in ("flags", "features"):
+      flags |= set(value.split())
+  return {"cpu": model, "isa": [f for f in ISA_FLAGS if f in flags]}
 
 
 def cores() -> int:

@@ -77,11 +77,14 @@ class JaxStep:
 
 
 def make_step(kind: str, student, student_params, teacher=None, teacher_params=None, *, batch,
-              trainable: str = "all", ce_weight: float = 1.0, chunk_size: int = 0,
+              trainable: str = "all", ce_weight: float = 1.0, chunk_size: int | None = None,
               fused: bool = True, lr: float = LR) -> JaxStep:
   """kind "mimic" (KL + ce_weight * CE + 0.01 aux) or "sft" (CE + 0.01 aux); AdamW, no clipping.
-  `chunk_size` > 0: the chunked loss, fused with the LM heads or (fused=False) checkpointed chunks."""
+  `chunk_size`: None is `LossConfig`'s default (what launch/train.py builds); 0 full logits; > 0 the
+  chunked loss, fused with the LM heads or (fused=False) checkpointed chunks."""
   tx, _ = optim.adamw(lr, total_steps=10_000, warmup_ratio=0.0, grad_clip_norm=0.0)
+  if chunk_size is None:
+    chunk_size = steps.LossConfig().chunk_size
   cfg = steps.LossConfig(ce_weight=ce_weight, chunk_size=chunk_size, fused=fused)
   step = steps.make_train_step(kind, student, teacher, tx, cfg)
   # Steps donate their state: train on a copy so the caller's params stay usable.

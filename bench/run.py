@@ -7,6 +7,7 @@ they are is written by hand in docs/benchmark_notes.md, which the report links t
 
   1. train steps (mimic, dense SFT, MoE SFT) against transformers + PyTorch   bench/train_step.py
   2. MFU of those steps against the same run's matmul peak                    bench/train_step.py
+     the mimic step against Tunix's logit distillation (optional dependency)  bench/tunix_step.py
   3. MoE layer dispatch paths vs a dense FFN of the same active FLOPs         bench/moe_layer.py
   4. peak memory of the mimic step at vocabulary 151,936                      bench/mimic_memory.py
   5. step time vs sequence length and vs number of experts                    bench/scaling.py
@@ -33,8 +34,9 @@ sys.path.insert(0, str(BENCH))
 
 import benchutil as bu
 
-SECTIONS = ("train_step", "parts", "moe_layer", "memory", "scaling", "expert_parallel")
-TARGETS = {"mimic_ratio": 1.5, "mfu": 0.5, "moe_layer": 1.25, "memory": 1.3}
+SECTIONS = ("train_step", "tunix", "parts", "moe_layer", "memory", "scaling", "expert_parallel")
+TARGETS = {"mimic_ratio": 1.5, "tunix_ratio": 1.5, "sft_ratio": 1.0, "mfu": 0.5, "moe_layer": 1.25,
+           "memory": 1.3}
 NOTES = ROOT / "docs" / "benchmark_notes.md"  # the reasoning behind the numbers, written by hand
 
 
@@ -77,6 +79,9 @@ def run_sections(profile: bu.Profile, only: tuple[str, ...]) -> dict:
     if name == "train_step":
       import train_step
       results[name] = train_step.run(profile, log)
+    elif name == "tunix":
+      import tunix_step
+      results[name] = tunix_step.run(profile, log)
     elif name == "parts":
       import parts
       results[name] = parts.run(profile, log)
@@ -95,7 +100,25 @@ def run_sections(profile: bu.Profile, only: tuple[str, ...]) -> dict:
       log(f"  {_ep_summary(results[name])}")
     seconds[name] = time.perf_counter() - t0
     log(f"  ({seconds[name]:.0f} s)")
+  results["machine"] = machine(results, profile)
   return {"results": results, "seconds": seconds, "load": (load_start, os.getloadavg()[0])}
+
+
+def machine(results: dict, profile: bu.Profile) -> dict:
+  """The CPU (model, ISA extensions) and both libraries' f32 square-matmul rates: taken from the
+  train-step section when it ran, measured here otherwise (torch only when installed)."""
+  out = bu.cpu()
+  ts = results.get("train_step", {})
+  out["jax_matmul_flops"] = ts.get("peak") or bu.matmul_peak(profile.matmul_n)
+  out["torch_matmul_flops"] = ts.get("torch_peak")
+  if out["torch_matmul_flops"] is None:
+    try:
+      import train_step
+      out["torch_matmul_flops"] = train_step.torch_matmul_peak(profile.matmul_n)
+    except ImportError:
+      pass
+  out["matmul_n"] = profile.matmul_n
+  return out
 
 
 def use_one_peak(results: dict) -> float | None:
@@ -112,6 +135,8 @@ def use_one_peak(results: dict) -> float | None:
   for r in results.get("train_step", {}).get("rows", []):
     r["mfu"] = r["flops"] / r["ours_s"] / peak
     r["torch_mfu"] = r["flops"] / r["torch_s"] / peak
+  for r in results.get("tunix", {}).get("rows", []):
+    r["mfu"], r["tunix_mfu"] = r["flops"] / r["ours_s"] / peak, r["flops"] / r["tunix_s"] / peak
   return peak
 
 
@@ -121,20 +146,32 @@ def use_one_peak(results: dict) -> float | None:
 
 
 def _mimic_row(res):
-  return res["train_step"]["rows"][0]
+  """The mimic step as launch/train.py builds it by default (the row marked default)."""
+  rows = res["train_step"]["rows"]
+  return next((r for r in rows if r.get("default")), rows[0])
 
 
 def targets(results: dict) -> list[dict]:
-  """One entry per target the issue sets: measured value, goal, met or not."""
+  """One entry per target the issues set: measured value, goal, met or not."""
   out = []
   if "train_step" in results:
     r = _mimic_row(results)
-    out.append({"what": "mimic step vs transformers (tokens/s ratio)",
+    out.append({"what": "mimic step (MoE student) vs transformers (tokens/s ratio)",
                 "goal": f">= {TARGETS['mimic_ratio']}x", "value": f"{r['ratio']:.2f}x",
                 "met": r["ratio"] >= TARGETS["mimic_ratio"]})
+    for x in results["train_step"]["rows"]:
+      if x.get("sft"):
+        out.append({"what": f"{x['name'].split(' (')[0]} step vs transformers (tokens/s ratio)",
+                    "goal": f">= {TARGETS['sft_ratio']}x", "value": f"{x['ratio']:.2f}x",
+                    "met": x["ratio"] >= TARGETS["sft_ratio"]})
     out.append({"what": "MFU of the mimic step (analytic FLOPs / jnp.dot peak)",
                 "goal": f">= {TARGETS['mfu']:.0%}", "value": f"{r['mfu']:.0%}",
                 "met": r["mfu"] >= TARGETS["mfu"]})
+  if "tunix" in results and "rows" in results["tunix"]:
+    r = next(x for x in results["tunix"]["rows"] if x.get("default"))
+    out.append({"what": "mimic step (dense student) vs Tunix (tokens/s ratio)",
+                "goal": f">= {TARGETS['tunix_ratio']}x", "value": f"{r['ratio']:.2f}x",
+                "met": r["ratio"] >= TARGETS["tunix_ratio"]})
   if "moe_layer" in results:
     res = results["moe_layer"]
     worst = max(res["rows"], key=lambda r: r["ratios"][res["default"]])
@@ -166,14 +203,18 @@ def final_line(results: dict, seconds: float) -> str:
   parts = []
   if "train_step" in results:
     rows = results["train_step"]["rows"]
-    r = rows[0]
+    r = _mimic_row(results)
     parts.append(f"mimic x{r['ratio']:.2f} transformers "
                  f"({r['ours_tps']:,.0f} vs {r['torch_tps']:,.0f} tok/s)")
     resp = [x for x in rows if "response_frac" in x]
     parts += [f"mimic {x['response_frac']:.0%} response x{x['ratio']:.2f}" for x in resp]
-    parts.append(", ".join(f"{x['name'].split(' (')[0]} x{x['ratio']:.2f}" for x in rows[2:]
-                           if "response_frac" not in x))
+    parts.append(", ".join(f"{x['name'].split(' (')[0]} x{x['ratio']:.2f}" for x in rows
+                           if x.get("sft")))
     parts.append(f"MFU {r['mfu']:.0%}")
+  if "tunix" in results:
+    res = results["tunix"]
+    parts.append(f"Tunix: skipped" if "skipped" in res else
+                 "mimic x{:.2f} Tunix".format(next(x for x in res["rows"] if x.get("default"))["ratio"]))
   if "moe_layer" in results:
     res = results["moe_layer"]
     ratios = [r["ratios"][res["default"]] for r in res["rows"]]
@@ -302,6 +343,7 @@ def report(run: dict, profile: bu.Profile, images: Path, out: Path, total_s: flo
       "times. Why the numbers are what they are, and the changes to package code they led to: "
       f"[benchmark notes]({notes}) (written by hand).",
       "",
+      *_machine_lines(results.get("machine")),
       "## Targets",
       "",
       "| target | goal | measured | |",
@@ -318,6 +360,11 @@ def report(run: dict, profile: bu.Profile, images: Path, out: Path, total_s: flo
               train_step.markdown(results["train_step"]), "",
               f"![train step throughput]({rel}/bench_train_steps.png)",
               *close("train_step", "train-steps-vs-transformers")]
+  if "tunix" in results:
+    import tunix_step
+    lines += ["", "### The mimic step against Tunix, the JAX peer", "",
+              "`bench/tunix_step.py`. " + tunix_step.DESCRIPTION, "",
+              tunix_step.markdown(results["tunix"]), *close("tunix", "the-jax-peer-tunix")]
   if "parts" in results:
     import parts
     lines += ["", "### Where the mimic step's time goes", "",
@@ -350,6 +397,17 @@ def report(run: dict, profile: bu.Profile, images: Path, out: Path, total_s: flo
   lines += ["", "## Section times", "", "| section | seconds |", "|---|---|"]
   lines += [f"| {k} | {v:.0f} |" for k, v in run["seconds"].items()]
   return "\n".join(lines) + "\n"
+
+
+def _machine_lines(m: dict | None) -> list[str]:
+  if not m:
+    return []
+  torch = m.get("torch_matmul_flops")
+  return [f"CPU: {m['cpu']}; ISA extensions: {', '.join(m['isa']) or 'none found'}. Best f32 "
+          f"square matmul ({m['matmul_n'] // 2} or {m['matmul_n']}): `jnp.dot` "
+          f"{m['jax_matmul_flops'] / 1e9:.1f} GFLOP/s"
+          + (f", torch {torch / 1e9:.1f} GFLOP/s (torch / jnp.dot {torch / m['jax_matmul_flops']:.2f})"
+             if torch else "") + ".", ""]
 
 
 def _ep_markdown(res: dict) -> str:

@@ -14,7 +14,6 @@ import jax_steps as js
 
 
 RESPONSE_FRAC = 0.35  # trained share of each row in the response-only mimic row
-RESPONSE_CHUNK = 128  # its loss chunk: a whole number of chunks is skipped
 
 
 def _torch():
@@ -82,43 +81,41 @@ def run(profile: bu.Profile, log=print) -> dict:
 
   # --- mimic ---------------------------------------------------------------------------------
   chunk = min(512, p.seq)
+  default = js.steps.LossConfig().chunk_size  # what launch/train.py builds: the fused chunked loss
   # A LLaVA-like row: image tokens, system prompt and question untrained, the answer (the last
   # RESPONSE_FRAC of the row) trained; the chunked loss computes logits only where it is trained.
   resp_batch = bu.batch_arrays(p.vocab, p.batch, p.seq, prompt_frac=1 - RESPONSE_FRAC)
-  resp_chunk = min(RESPONSE_CHUNK, p.seq)
+  mimic = lambda b=batch, **kw: js.make_step("mimic", student, sparams, teacher, tparams, batch=b,  # noqa: E731
+                                             trainable="ffn", **kw)
+  torch_mimic = lambda b=batch, threads=bu.cores(): ts.TorchStep(  # noqa: E731
+      "mimic", ts.load(student, sparams), b, t_teacher, trainable="ffn", threads=threads)
   fns = {
-      "ours": js.make_step("mimic", student, sparams, teacher, tparams, batch=batch, trainable="ffn"),
-      "ours_chunked": js.make_step("mimic", student, sparams, teacher, tparams, batch=batch,
-                                   trainable="ffn", chunk_size=chunk),
-      "ours_chunked_ckpt": js.make_step("mimic", student, sparams, teacher, tparams, batch=batch,
-                                        trainable="ffn", chunk_size=chunk, fused=False),
-      "torch": ts.TorchStep("mimic", ts.load(student, sparams), batch, t_teacher, trainable="ffn",
-                            threads=bu.cores()),
-      "torch_1t": ts.TorchStep("mimic", ts.load(student, sparams), batch, t_teacher, trainable="ffn",
-                               threads=1),
-      "ours_resp": js.make_step("mimic", student, sparams, teacher, tparams, batch=resp_batch,
-                                trainable="ffn", chunk_size=resp_chunk),
-      "torch_resp": ts.TorchStep("mimic", ts.load(student, sparams), resp_batch, t_teacher,
-                                 trainable="ffn", threads=bu.cores()),
-      "torch_resp_1t": ts.TorchStep("mimic", ts.load(student, sparams), resp_batch, t_teacher,
-                                    trainable="ffn", threads=1),
+      "ours": mimic(),
+      "ours_full": mimic(chunk_size=0),
+      "ours_chunked": mimic(chunk_size=chunk),
+      "ours_chunked_ckpt": mimic(chunk_size=chunk, fused=False),
+      "torch": torch_mimic(),
+      "torch_1t": torch_mimic(threads=1),
+      "ours_resp": mimic(resp_batch),
+      "torch_resp": torch_mimic(resp_batch),
+      "torch_resp_1t": torch_mimic(resp_batch, threads=1),
   }
   first = {n: _loss(f()) for n, f in fns.items()}  # compile + the losses at the shared start weights
   times = bu.interleaved(fns, p.step_repeats, warmup=0)
   flops = flop_count.mimic_flops(tcfg, student.cfg, p.batch, p.seq, "ffn")
-  rows.append(_row("mimic (KL + CE + aux), naive KL", times, "ours", tokens, flops,
-                   js.xla_flops(fns["ours"]), peak, first["ours"], first["torch"]))
-  rows.append(_row(f"mimic, chunked KL ({chunk} positions), fused LM heads", times, "ours_chunked",
-                   tokens, flops, js.xla_flops(fns["ours_chunked"]), peak, first["ours_chunked"],
-                   first["torch"]))
-  rows.append(_row(f"mimic, chunked KL ({chunk} positions), checkpointed chunks", times,
-                   "ours_chunked_ckpt", tokens, flops, js.xla_flops(fns["ours_chunked_ckpt"]), peak,
-                   first["ours_chunked_ckpt"], first["torch"]))
+  for name, key in ((f"mimic (KL + CE + aux), default: fused LM heads + loss, {default}-position "
+                     "chunks", "ours"),
+                    ("mimic, full logits", "ours_full"),
+                    (f"mimic, fused, {chunk}-position chunks", "ours_chunked"),
+                    (f"mimic, checkpointed {chunk}-position chunks", "ours_chunked_ckpt")):
+    rows.append(_row(name, times, key, tokens, flops, js.xla_flops(fns[key]), peak, first[key],
+                     first["torch"]))
+  rows[0]["default"] = True
   resp = {"ours_resp": times["ours_resp"], "torch": times["torch_resp"],
           "torch_1t": times["torch_resp_1t"]}
-  rows.append(_row(f"mimic, {100 * RESPONSE_FRAC:.0f}% response positions, chunked KL "
-                   f"({resp_chunk} positions)", resp, "ours_resp", tokens, flops,
-                   js.xla_flops(fns["ours_resp"]), peak, first["ours_resp"], first["torch_resp"]))
+  rows.append(_row(f"mimic, {100 * RESPONSE_FRAC:.0f}% response positions, default loss", resp,
+                   "ours_resp", tokens, flops, js.xla_flops(fns["ours_resp"]), peak,
+                   first["ours_resp"], first["torch_resp"]))
   rows[-1]["response_frac"] = RESPONSE_FRAC
   for r in rows:
     log(_summary(r))
@@ -137,6 +134,7 @@ def run(profile: bu.Profile, log=print) -> dict:
     flops = flop_count.train_flops(module.cfg, p.batch, p.seq, "all")
     rows.append(_row(name, times, "ours", tokens, flops, js.xla_flops(fns["ours"]), peak,
                      first["ours"], first["torch"]))
+    rows[-1]["sft"] = True
     log(_summary(rows[-1]))
     del fns
 
@@ -160,16 +158,18 @@ DESCRIPTION = """\
 Three steps, each timed interleaved (ours, transformers, ours, transformers, ...) in one process:
 **mimic**, the paper's dense-to-sparse stage 1b (teacher forward without gradient + MoE student
 forward/backward + AdamW; loss KL(teacher || student) + CE + 0.01 x load balancing; FFN / experts /
-router trainable), ours with the full-logits KL and with the paper recipe's chunked KL
-(`LossConfig.chunk_size=512`), both as fused LM heads + loss (the default) and as checkpointed chunks
-(`LossConfig.fused=False`), on rows whose last 75% of positions are trained; then the chunked step
-again on LLaVA-like rows where only the last 35% (the answer) is trained and the rest (image tokens,
-system prompt, question) is not: the chunked loss moves each row's trained positions to its front and
-skips the chunks (128 positions) that hold none, so both LM heads and the softmax / KL / CE over the
-vocabulary run on the trained positions only. transformers computes the full logits of every
-position there, as the original LLaVA-MoD code does (its MFU column counts the same analytic FLOPs,
-full LM heads included, for both sides). **dense SFT** of the student before upcycling (Qwen2) and **MoE SFT**
-of the upcycled student (Qwen2-MoE), every parameter trainable, CE (+ aux). Both sides start from the
+router trainable). Ours as `launch/train.py` builds it by default (`LossConfig`: both LM heads fused
+into the loss, 128-position chunks, the student's logit gradient formed in the forward pass), then
+with full logits, with the paper recipe's 512-position fused chunks, and with 512-position
+checkpointed chunks (`LossConfig.fused=False`), on rows whose last 75% of positions are trained;
+then the default step again on LLaVA-like rows where only the last 35% (the answer) is trained and
+the rest (image tokens, system prompt, question) is not: the chunked loss moves each row's trained
+positions to its front and skips the chunks that hold none, so both LM heads and the softmax / KL /
+CE over the vocabulary run on the trained positions only. transformers computes the full logits of
+every position there, as the original LLaVA-MoD code does (its MFU column counts the same analytic
+FLOPs, full LM heads included, for both sides). **dense SFT** of the student before upcycling
+(Qwen2) and **MoE SFT** of the upcycled student (Qwen2-MoE), every parameter trainable, CE (+ aux),
+ours with the default loss (fused LM head + CE, 128-position chunks). Both sides start from the
 same weights (ours exported with `hf.save`, loaded by `from_pretrained`), so the first step's losses
 must agree (last column). Text-only language models: the step benchmark leaves out the vision tower,
 which is frozen and runs once per image in both implementations.

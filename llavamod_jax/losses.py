@@ -211,10 +211,32 @@ def topk_kl(student_logits, teacher_topk_logits, teacher_topk_ids, teacher_logsu
   return _masked_mean(per_token, mask) * temperature**2
 
 
+@jax.custom_vjp
 def token_logps(logits, targets):
-  """log p(target) per position, fp32: logits [..., vocab], targets [...] int."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  """log p(target) per position, fp32: logits [..., vocab], targets [...] int.
+
+  Its gradient is written out (g * (onehot(target) - softmax)): one elementwise pass over the
+  vocabulary, where autodiff of log_softmax + take_along_axis scatters into a zero [..., vocab]
+  tensor and runs the softmax's backward over it (8% of a small student's SFT step on CPU,
+  docs/benchmark_notes.md)."""
+  return _token_logps_fwd(logits, targets)[0]
+
+
+def _token_logps_fwd(logits, targets):
+  z = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(z, axis=-1)
+  picked = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+  return picked - lse, (logits, lse, targets)
+
+
+def _token_logps_bwd(res, g):
+  logits, lse, targets = res
+  hit = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1) == targets[..., None]
+  d = (hit.astype(jnp.float32) - jnp.exp(logits.astype(jnp.float32) - lse[..., None])) * g[..., None]
+  return d.astype(logits.dtype), None
+
+
+token_logps.defvjp(_token_logps_fwd, _token_logps_bwd)
 
 
 def cross_entropy(logits, labels):

@@ -141,6 +141,44 @@ def test_finite_difference_gradients():
     assert float(jnp.sum(jax.grad(g)(logps) * dd)) == pytest.approx(float(fd), rel=2e-2, abs=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_token_logps_and_kl_gradients_equal_autodiff_of_the_plain_formulas(dtype):
+  """`token_logps` carries a hand-written VJP (one pass over the vocabulary): its gradient equals
+  autodiff of the plain formula (log_softmax, take_along_axis), with leading batch dimensions. The
+  forward KL (autodiff; a written-out VJP measured slower, docs/benchmark_notes.md) against its
+  plain formula too, for the student and the teacher side, at a temperature, with a
+  zero-probability teacher bucket."""
+  rng = np.random.default_rng(11)
+  s = jnp.asarray(rng.standard_normal((2, 3, 7)) * 2, dtype)
+  t = jnp.asarray(rng.standard_normal((2, 3, 7)) * 2, jnp.float32).at[0, 1, 4].set(-jnp.inf).astype(dtype)
+  tgt = jnp.asarray(rng.integers(0, 7, (2, 3)), jnp.int32)
+  w = jnp.asarray(rng.standard_normal((2, 3)), jnp.float32)
+
+  def plain_logps(x):
+    return jnp.take_along_axis(jax.nn.log_softmax(x.astype(jnp.float32), -1), tgt[..., None], -1)[..., 0]
+
+  def plain_kl(x, y, temp):
+    logq = jax.nn.log_softmax(x.astype(jnp.float32) / temp, -1)
+    logp = jax.nn.log_softmax(y.astype(jnp.float32) / temp, -1)
+    p = jnp.exp(logp)
+    safe = jnp.where(p > 0, logp, 0.0)  # 0 log 0 = 0, with a finite gradient
+    return jnp.sum(jnp.where(p > 0, p * (safe - logq), 0.0), -1)
+
+  tol = dict(rtol=1e-5, atol=1e-6) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-3)
+  np.testing.assert_allclose(losses.token_logps(s, tgt), plain_logps(s), **tol)
+  got = jax.grad(lambda x: jnp.sum(losses.token_logps(x, tgt) * w))(s)
+  want = jax.grad(lambda x: jnp.sum(plain_logps(x) * w))(s)
+  assert got.dtype == dtype
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
+  for temp in (1.0, 1.7):
+    np.testing.assert_allclose(losses.token_kl(s, t, temp), plain_kl(s, t, temp), **tol)
+    got = jax.grad(lambda x, y: jnp.sum(losses.token_kl(x, y, temp) * w), (0, 1))(s, t)
+    want = jax.grad(lambda x, y: jnp.sum(plain_kl(x, y, temp) * w), (0, 1))(s, t)
+    for a, b in zip(got, want):
+      assert a.dtype == dtype and bool(jnp.all(jnp.isfinite(a.astype(jnp.float32))))
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, 16])
 @pytest.mark.parametrize("shift", [True, False])
 def test_chunked_equals_unchunked_value_and_gradient(chunk_size, shift):

@@ -87,14 +87,15 @@ def test_aux_losses_sum_over_layers_and_reach_every_expert(dense_llava):
   noise = jax.tree.map(lambda a: 0.01 * jax.random.normal(jax.random.key(0), a.shape), sp)
   sp = jax.tree.map(jnp.add, sp, noise)
 
-  def loss(p):
-    out, state = student.apply({"params": p}, ids, pix, train=True, mutable=["moe"])
+  def loss(p, i, x):
+    out, state = student.apply({"params": p}, i, x, train=True, mutable=["moe"])
     aux = moe.aux_losses(state["moe"])
     return jnp.mean(out.logits ** 2) + 0.01 * aux["load_balancing_loss"], aux
 
-  (_, aux), g = jax.value_and_grad(loss, has_aux=True)(sp)
-  per = moe.per_layer(jax.lax.stop_gradient(
-      student.apply({"params": sp}, ids, pix, mutable=["moe"])[1]["moe"]))
+  # Jitted, inputs as arguments (no eager op-by-op run).
+  (_, aux), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(sp, ids, pix)
+  per = moe.per_layer(jax.jit(lambda p, i, x: jax.lax.stop_gradient(
+      student.apply({"params": p}, i, x, mutable=["moe"])[1]["moe"]))(sp, ids, pix))
   assert float(aux["load_balancing_loss"]) == pytest.approx(
       sum(float(v["load_balancing_loss"]) for v in per.values()), rel=1e-6)
   for i in range(4):
@@ -111,8 +112,9 @@ def test_remat_student_matches(dense_llava, tmp_path):
   ref, model, params, ids, pix = dense_llava
   student, sp = moe.upcycle(model, params, layers="sparse", moe_dispatch="capacity")
   remat = models.build(student.cfg.replace(text=student.cfg.text.replace(remat=True)))
-  f = lambda m: lambda p: jnp.mean(m.apply({"params": p}, ids, pix, train=True).logits ** 2)  # noqa
-  g1, g2 = jax.grad(f(student))(sp), jax.grad(f(remat))(sp)
+  f = lambda m: jax.jit(jax.grad(  # noqa: E731 (jitted, inputs as arguments: no eager op-by-op run)
+      lambda p, i, x: jnp.mean(m.apply({"params": p}, i, x, train=True).logits ** 2)))
+  g1, g2 = f(student)(sp, ids, pix), f(remat)(sp, ids, pix)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 

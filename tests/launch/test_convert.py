@@ -9,6 +9,10 @@ import pytest
 
 import tiny_hf
 
+# The module fixture is computed once: every test of this file runs on one xdist worker
+# (`--dist loadgroup`, pyproject.toml).
+pytestmark = pytest.mark.xdist_group("convert")
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "launch" / "convert.py"
 

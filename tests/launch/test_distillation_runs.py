@@ -11,6 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The module fixture is computed once: every test of this file runs on one xdist worker
+# (`--dist loadgroup`, pyproject.toml).
+pytestmark = pytest.mark.xdist_group("distillation_runs")
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -18,6 +18,10 @@ from llavamod_jax import evaluation, generate, workdir
 from llavamod_jax.data import image, templates
 from llavamod_jax.demo import synthetic
 
+# The module fixture is computed once: every test of this file runs on one xdist worker
+# (`--dist loadgroup`, pyproject.toml).
+pytestmark = pytest.mark.xdist_group("chat_export")
+
 REPO = Path(__file__).resolve().parents[2]
 
 

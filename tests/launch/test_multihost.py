@@ -16,6 +16,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llavamod_jax import checkpoint, models, sharding
 
+# The module fixture is computed once: every test of this file runs on one xdist worker
+# (`--dist loadgroup`, pyproject.toml).
+pytestmark = pytest.mark.xdist_group("multihost")
+
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
 # The mimic stage on tiny_run's models (a dense teacher, an MoE student, both from workdirs: no demo

@@ -15,6 +15,10 @@ import pytest
 
 from llavamod_jax.demo import assets
 
+# The module fixture is computed once: every test of this file runs on one xdist worker
+# (`--dist loadgroup`, pyproject.toml).
+pytestmark = pytest.mark.xdist_group("train")
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = [  # a few steps of tiny models on a small synthetic set
     "--config.total_steps=8", "--config.log_every=1", "--config.checkpoint_every=3",

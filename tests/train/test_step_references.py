@@ -22,7 +22,10 @@ from llavamod_jax import losses, models, moe
 from llavamod_jax.models.configs import TextConfig
 from llavamod_jax.train import optim, report, steps
 
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+# The module fixture is computed once: every test of this file runs on one xdist worker
+# (`--dist loadgroup`, pyproject.toml).
+pytestmark = [pytest.mark.filterwarnings("ignore:Initializing zero-element tensors"),
+              pytest.mark.xdist_group("step_references")]
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 IGN = losses.IGNORE

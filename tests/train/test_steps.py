@@ -11,6 +11,10 @@ from llavamod_jax import losses, models, moe
 from llavamod_jax.models.configs import LlavaConfig, TextConfig, VisionConfig
 from llavamod_jax.train import optim, steps
 
+# The module fixture is computed once: every test of this file runs on one xdist worker
+# (`--dist loadgroup`, pyproject.toml).
+pytestmark = pytest.mark.xdist_group("steps")
+
 IGN = losses.IGNORE
 VOCAB = 48
 
@@ -340,9 +344,9 @@ def test_stage_patterns_select_the_papers_parameters(lms):
     optim.partition(params, ["nothing/.*"])
 
 
-@pytest.mark.parametrize("chunk,fused", [(0, False), (3, True), (3, False)])
-def test_llava_mimic_with_different_image_token_counts(chunk, fused):
-  """Teacher and student towers with different patch counts: responses paired in order."""
+def test_llava_mimic_with_different_image_token_counts():
+  """Teacher and student towers with different patch counts: responses paired in order; the full
+  logits, the fused chunks and the checkpointed chunks against one plain full-logits reference."""
   def llava(hidden, patch, seed):
     cfg = LlavaConfig(text=_text(hidden, 1), image_token_id=VOCAB - 1,
                       vision=VisionConfig(hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,
@@ -369,22 +373,25 @@ def test_llava_mimic_with_different_image_token_counts(chunk, fused):
   batch = {"input_ids": s_ids, "labels": s_labels, "attention_mask": jnp.ones_like(s_ids),
            "pixel_values": pix, "teacher_input_ids": t_ids, "teacher_labels": t_labels,
            "teacher_attention_mask": jnp.ones_like(t_ids)}
-  cfg = steps.LossConfig(chunk_size=chunk, fused=fused, ce_weight=0.5)
-  f = steps.loss_fn("mimic", student, teacher, cfg)
-  (_, m), g = jax.value_and_grad(lambda p: f(p, tp, batch, None, False), has_aux=True)(sp)
-  s_logits = student.apply({"params": sp}, s_ids, pix).logits[:, 7 - 1:-1]
-  t_logits = teacher.apply({"params": tp}, t_ids, pix).logits[:, 19 - 1:-1]
-  want = losses.kl_distillation(s_logits, t_logits, jnp.ones(s_logits.shape[:2], bool))
-  assert float(m["kl"]) == pytest.approx(float(want), rel=1e-5)
-  assert float(m["ce"]) == pytest.approx(float(losses.cross_entropy(
-      student.apply({"params": sp}, s_ids, pix).logits, s_labels)), rel=1e-5)
+  # Everything jitted with the batch as an argument (no eager op-by-op run).
+  s_full = jax.jit(lambda p, ids: student.apply({"params": p}, ids, pix).logits)(sp, s_ids)
+  t_logits = jax.jit(lambda p, ids: teacher.apply({"params": p}, ids, pix).logits)(tp, t_ids)[:, 19 - 1:-1]
+  trained = jnp.ones(t_logits.shape[:2], bool)
+  want_kl = float(losses.kl_distillation(s_full[:, 7 - 1:-1], t_logits, trained))
+  want_ce = float(losses.cross_entropy(s_full, s_labels))
 
-  def plain(p):  # the same loss from full logits, for the gradient
-    s_full = student.apply({"params": p}, s_ids, pix).logits
-    return (losses.kl_distillation(s_full[:, 7 - 1:-1], t_logits, jnp.ones(s_logits.shape[:2], bool))
-            + 0.5 * losses.cross_entropy(s_full, s_labels))
-  for path, a in _flat(jax.grad(plain)(sp)).items():  # dense models: no MoE aux term
-    np.testing.assert_allclose(_flat(g)[path], a, rtol=2e-4, atol=1e-6, err_msg=path)
+  def plain(p, ids):  # the same loss from full logits, for the gradient
+    full = student.apply({"params": p}, ids, pix).logits
+    return losses.kl_distillation(full[:, 7 - 1:-1], t_logits, trained) + 0.5 * losses.cross_entropy(full, s_labels)
+  want_g = _flat(jax.jit(jax.grad(plain))(sp, s_ids))  # dense models: no MoE aux term
+
+  for chunk, fused in ((0, False), (3, True), (3, False)):
+    f = steps.loss_fn("mimic", student, teacher, steps.LossConfig(chunk_size=chunk, fused=fused, ce_weight=0.5))
+    (_, m), g = jax.jit(jax.value_and_grad(lambda p, b: f(p, tp, b, None, False), has_aux=True))(sp, batch)
+    assert float(m["kl"]) == pytest.approx(want_kl, rel=1e-5), (chunk, fused)
+    assert float(m["ce"]) == pytest.approx(want_ce, rel=1e-5), (chunk, fused)
+    for path, a in want_g.items():
+      np.testing.assert_allclose(_flat(g)[path], a, rtol=2e-4, atol=1e-6, err_msg=f"{path} {chunk=} {fused=}")
 
 
 def test_bf16_compute_with_fp32_params(lms):
