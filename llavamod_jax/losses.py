@@ -253,6 +253,100 @@ def sequence_logps(logits, labels, average: bool = False):
 
 
 # ---------------------------------------------------------------------------------------------
+# The other recipes' terms (issue 24): LLaVA-KD's visual KL and relation distillation, LLaVADI's
+# hidden-state alignment. Each pairs the k-th visual (or trained) position of a student row with the
+# k-th of the teacher's row, so towers whose prompts place the image differently still pair.
+# ---------------------------------------------------------------------------------------------
+
+
+def visual_mask(input_ids, image_token_id: int):
+  """[batch, seq] bool: the image-token slots (the positions the vision tower's features fill)."""
+  return input_ids == image_token_id
+
+
+def _paired(student_x, student_mask, teacher_x, teacher_mask, what: str):
+  """`pair_positions`, with both rows' counts required equal (checked when the masks are concrete)."""
+  s_count, t_count = jnp.sum(student_mask, axis=1), jnp.sum(teacher_mask, axis=1)
+  if not isinstance(s_count, jax.core.Tracer) and not isinstance(t_count, jax.core.Tracer):
+    bad = [i for i, (a, b) in enumerate(zip(s_count.tolist(), t_count.tolist())) if a != b]
+    if bad:
+      i = bad[0]
+      raise ValueError(f"{what}: row {i} has {int(s_count[i])} student and {int(t_count[i])} teacher "
+                       f"positions; the terms pair them one to one, so the counts must be equal "
+                       f"({len(bad)} row(s) differ)")
+  s, t, mask = pair_positions(student_x, student_mask, teacher_x, teacher_mask)
+  (t_mask,) = trained_first(teacher_mask, teacher_mask)
+  return s, t, mask & t_mask[:, :mask.shape[1]]
+
+
+def visual_kl(student_logits, teacher_logits, student_visual, teacher_visual, *,
+              temperature: float = 1.0, objective: str = "forward_kl"):
+  """LLaVA-KD's MDist on the image: KL(teacher || student) of the output distributions at the
+  visual-token positions (the logits at the image slots themselves, not shifted), mean over the
+  visual tokens of the batch, scaled by T^2 (LLaVA-KD: T = 1). logits [batch, seq, vocab] (each side
+  its own sequence), visual masks [batch, seq] (`visual_mask`) with equal counts per row. The
+  teacher side gets no gradient."""
+  s, t, mask = _paired(student_logits, student_visual, jax.lax.stop_gradient(teacher_logits),
+                       teacher_visual, "visual_kl")
+  return distillation_loss(s, t, mask, objective, temperature)
+
+
+def relation_distillation(student_features, teacher_features, student_visual, teacher_visual):
+  """LLaVA-KD's RDist: per row, the relation matrix R = Z Z^T of the features Z [n_visual, d] at the
+  visual positions (LLaVA-KD: the final LM-head logits, raw), and 1 - cos(vec R_student,
+  vec R_teacher); the mean over rows with visual tokens (LLaVA-KD's released code flattens the
+  whole batch into one vector; at its batch of one row per device the two are equal). Widths may
+  differ (R is [n, n] on both sides). The teacher side gets no gradient."""
+  s, t, mask = _paired(student_features, student_visual, jax.lax.stop_gradient(teacher_features),
+                       teacher_visual, "relation_distillation")
+  m = mask[..., None].astype(jnp.float32)
+  hi = jax.lax.Precision.HIGHEST
+  r_s = jnp.einsum("bnd,bmd->bnm", s.astype(jnp.float32) * m, s.astype(jnp.float32) * m, precision=hi)
+  r_t = jnp.einsum("bnd,bmd->bnm", t.astype(jnp.float32) * m, t.astype(jnp.float32) * m, precision=hi)
+  dot = jnp.sum(r_s * r_t, axis=(1, 2))
+  norms = jnp.sqrt(jnp.sum(r_s * r_s, axis=(1, 2))) * jnp.sqrt(jnp.sum(r_t * r_t, axis=(1, 2)))
+  cos = dot / jnp.maximum(norms, 1e-8)  # torch's cosine_similarity eps
+  rows = jnp.any(mask, axis=1).astype(jnp.float32)
+  return jnp.sum((1.0 - cos) * rows) / jnp.maximum(jnp.sum(rows), 1.0)
+
+
+def init_hidden_projection(key, student_width: int, teacher_width: int, dtype=jnp.float32):
+  """LLaVADI's projection of the student's hidden states to the teacher's width:
+  Linear(d_s -> d_t) - GELU - Linear(d_t -> d_t), initialised as torch's nn.Linear (uniform
+  +-1/sqrt(fan_in) weights and biases). A trainable parameter of the student side."""
+  k = jax.random.split(key, 4)
+  u = lambda kk, shape, fan_in: jax.random.uniform(  # noqa: E731
+      kk, shape, dtype, -1.0 / fan_in**0.5, 1.0 / fan_in**0.5)
+  return {"w1": u(k[0], (student_width, teacher_width), student_width),
+          "b1": u(k[1], (teacher_width,), student_width),
+          "w2": u(k[2], (teacher_width, teacher_width), teacher_width),
+          "b2": u(k[3], (teacher_width,), teacher_width)}
+
+
+def project_hidden(projection, hidden):
+  """`init_hidden_projection`'s MLP on hidden states [..., d_s] -> [..., d_t] (exact GELU, as
+  torch's nn.GELU)."""
+  x = hidden.astype(jnp.float32) @ projection["w1"] + projection["b1"]
+  return jax.nn.gelu(x, approximate=False) @ projection["w2"] + projection["b2"]
+
+
+def hidden_alignment(student_hidden, teacher_hidden, student_mask, teacher_mask, projection=None):
+  """LLaVADI's token alignment: the MSE between the student's last-layer hidden states, projected to
+  the teacher's width (`project_hidden`; None when the widths are equal), and the teacher's, at the
+  paired positions of the masks (LLaVADI: the answer tokens, or every attended token); the mean over
+  positions and hidden units. The teacher side gets no gradient."""
+  s, t, mask = _paired(student_hidden, student_mask, jax.lax.stop_gradient(teacher_hidden),
+                       teacher_mask, "hidden_alignment")
+  if projection is not None:
+    s = project_hidden(projection, s)
+  if s.shape[-1] != t.shape[-1]:
+    raise ValueError(f"hidden_alignment: student width {s.shape[-1]} and teacher width "
+                     f"{t.shape[-1]} differ; give a projection (init_hidden_projection)")
+  per_token = jnp.mean((s.astype(jnp.float32) - t.astype(jnp.float32)) ** 2, axis=-1)
+  return _masked_mean(per_token, mask)
+
+
+# ---------------------------------------------------------------------------------------------
 # Memory-bounded distillation: logits built chunk by chunk from final hidden states.
 # ---------------------------------------------------------------------------------------------
 
