@@ -213,7 +213,7 @@ def final_line(results: dict, seconds: float) -> str:
     parts.append(f"MFU {r['mfu']:.0%}")
   if "tunix" in results:
     res = results["tunix"]
-    parts.append(f"Tunix: skipped" if "skipped" in res else
+    parts.append("Tunix: skipped" if "skipped" in res else
                  "mimic x{:.2f} Tunix".format(next(x for x in res["rows"] if x.get("default"))["ratio"]))
   if "moe_layer" in results:
     res = results["moe_layer"]

@@ -217,8 +217,7 @@ def token_logps(logits, targets):
 
   Its gradient is written out (g * (onehot(target) - softmax)): one elementwise pass over the
   vocabulary, where autodiff of log_softmax + take_along_axis scatters into a zero [..., vocab]
-  tensor and runs the softmax's backward over it (8% of a small student's SFT step on CPU,
-  docs/benchmark_notes.md)."""
+  tensor and runs the softmax's backward over it (docs/benchmark_notes.md, change 5)."""
   return _token_logps_fwd(logits, targets)[0]
 
 

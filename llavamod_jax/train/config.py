@@ -54,9 +54,8 @@ class LossConfig:
   on_policy_fraction: float = 0.0
   on_policy_max_new_tokens: int = 64
   shift_mask: bool = True  # False: the original's off-by-one distillation mask
-  # > 0: KL / CE over sequence chunks of this many positions, no full logits; 0: full logits. The
-  # default is the fastest on CPU (bench/train_step.py: 128 positions beat full logits and 512 for
-  # SFT and mimic); the paper recipes (paper_data) use 512 for the accelerators' wider matmuls.
+  # > 0: KL / CE over sequence chunks of this many positions, no full logits; 0: full logits. Why
+  # 128: docs/benchmark_notes.md, change 6; the paper recipes (paper_data) use 512.
   chunk_size: int = 128
   # with chunk_size > 0: the LM heads fused into the loss, the student's gradient computed in the
   # forward pass (losses.fused_*: no head runs twice); False: checkpointed chunks
